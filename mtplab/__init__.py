@@ -1,0 +1,32 @@
+"""mtplab: small language models that predict several tokens per step.
+
+    import mtplab
+    result = mtplab.train("recipes/tiny.toml", "runs/tiny")      # or a Config
+    model, tokenizer = mtplab.load("runs/tiny")
+    print(mtplab.generate(model, tokenizer, "Ava has 3 apples. ...", chat=True))
+"""
+
+__version__ = "0.1.0"
+
+
+def load(directory, device="cpu"):
+    """(model, tokenizer) from a checkpoint directory."""
+    from .interop.checkpoint import load_model
+
+    return load_model(directory, device)
+
+
+def train(recipe, out_dir, overrides=(), resume=False, progress=True):
+    """Train from a recipe path (or a `Config`) into the checkpoint directory `out_dir`."""
+    from .config import Config, load_config
+    from .training.trainer import train as run
+
+    config = recipe if isinstance(recipe, Config) else load_config(recipe, list(overrides))
+    return run(config, out_dir, resume=resume, progress=progress)
+
+
+def generate(model, tokenizer, prompt, **options):
+    """Text completion; options: chat, max_new_tokens, temperature, top_k, top_p, seed."""
+    from .inference.generate import generate as run
+
+    return run(model, tokenizer, prompt, **options)

@@ -1,0 +1,260 @@
+"""Typed configuration: model, tokenizer, data and training settings as dataclasses.
+
+A recipe is a TOML file with one table per section; `--set section.key=value` overrides any field.
+Unknown keys are errors that list the valid ones, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+from .errors import MtplabError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0: take the tokenizer's size, rounded up to a multiple of 64
+    d_model: int = 128
+    n_layers: int = 2  # shared trunk blocks
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (no GQA)
+    d_ff: int = 0  # 0: 4*d_model, or 8/3*d_model rounded to 32 for swiglu
+    max_seq_len: int = 256
+    pos: str = "rope"  # rope | learned
+    rope_base: float = 10000.0
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu | relu2
+    bias: bool = False
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    # Multi-token prediction: head k predicts token t+1+k from position t; head 0 is next-token.
+    mtp: str = "parallel"  # parallel (Gloeckle et al.) | sequential (DeepSeek-V3)
+    n_future: int = 1  # number of heads, next-token head included
+    head_layers: int = 1  # blocks in each parallel head (sequential modules have one)
+    loss_weights: list[float] = field(default_factory=list)  # one per head; empty: see mtp_lambda
+    mtp_lambda: float = 0.0  # >0: DeepSeek weights [1, lambda/D, ...]; 0 with no loss_weights: mean
+
+    def __post_init__(self) -> None:
+        choices = {"pos": ("rope", "learned"), "norm": ("rmsnorm", "layernorm"),
+                   "mlp": ("gelu", "swiglu", "relu2"), "mtp": ("parallel", "sequential")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise MtplabError(f"model.{name} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
+        if self.d_model % self.n_heads:
+            raise MtplabError(f"model.d_model ({self.d_model}) must be divisible by "
+                              f"model.n_heads ({self.n_heads})")
+        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            raise MtplabError(f"model.n_heads ({self.n_heads}) must be a multiple of "
+                              f"model.n_kv_heads ({self.n_kv_heads})")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise MtplabError("RoPE needs an even head dimension (d_model / n_heads)")
+        if self.n_future < 1:
+            raise MtplabError("model.n_future must be at least 1")
+        if self.mtp == "parallel" and self.n_future > 1 and self.head_layers < 1:
+            raise MtplabError("parallel heads need head_layers >= 1, else every head is the same")
+        if self.loss_weights and len(self.loss_weights) != self.n_future:
+            raise MtplabError(f"model.loss_weights has {len(self.loss_weights)} entries "
+                              f"for {self.n_future} heads")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return 32 * -(-(8 * self.d_model // 3) // 32)
+        return 4 * self.d_model
+
+    @property
+    def head_weights(self) -> list[float]:
+        """The weight of each head's loss in the training objective."""
+        if self.loss_weights:
+            return [float(w) for w in self.loss_weights]
+        if self.mtp_lambda > 0 and self.n_future > 1:
+            extra = self.n_future - 1
+            return [1.0] + [self.mtp_lambda / extra] * extra
+        return [1.0 / self.n_future] * self.n_future
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""  # tokenizer.json, or a directory with tokenizer.json or vocab.json + merges.txt
+    vocab_size: int = 1024  # when training a byte-level BPE on the training corpus
+    special_tokens: list[str] = field(default_factory=lambda: [
+        "<pad>", "<empty>", "<system>", "<user>", "<assistant>"])
+    eos: str = "<|endoftext|>"
+    chat_template: str = "monostep"
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | jsonl | text
+    path: str = ""  # jsonl file (question/answer) or text file(s), comma separated
+    eval_path: str = ""  # held-out file; empty: split eval_fraction off the training data
+    eval_fraction: float = 0.05
+    format: str = "chat"  # chat: loss on the answer only | lm: packed sequences
+    seq_len: int = 128
+    n_train: int = 20000  # synthetic problems to generate
+    n_eval: int = 500
+    max_steps: int = 3  # synthetic: most arithmetic steps in a problem
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in ("synthetic", "jsonl", "text"):
+            raise MtplabError(f"data.source must be synthetic, jsonl or text, got {self.source!r}")
+        if self.format not in ("chat", "lm"):
+            raise MtplabError(f"data.format must be chat or lm, got {self.format!r}")
+        if self.source == "text" and self.format == "chat":
+            self.format = "lm"  # plain text has no question/answer turns
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.1  # wsd: final fraction of steps that decays linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0
+    eval_every: int = 200
+    eval_batches: int = 8
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto (bf16 autocast on a GPU that has it) | fp32 | bf16
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise MtplabError(f"train.schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise MtplabError(f"train.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise MtplabError("train.steps, train.batch_size and train.grad_accum must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> "Config":
+        _reject_unknown(raw, [f.name for f in fields(cls)], where)
+        sections = {}
+        for f in fields(cls):
+            section_type = typing.get_type_hints(cls)[f.name]
+            sections[f.name] = _build(section_type, raw.get(f.name, {}), f"{where}: [{f.name}]")
+        return cls(**sections)
+
+
+def _reject_unknown(raw: dict[str, Any], valid: list[str], where: str) -> None:
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise MtplabError(f"{where}: unknown key {', '.join(map(repr, unknown))}; "
+                          f"valid keys: {', '.join(valid)}")
+
+
+def _build(section_type: type, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise MtplabError(f"{where} must be a table of settings")
+    hints = typing.get_type_hints(section_type)
+    _reject_unknown(raw, [f.name for f in fields(section_type)], where)
+    values = {key: _coerce(value, hints[key], f"{where} {key}") for key, value in raw.items()}
+    try:
+        return section_type(**values)
+    except TypeError as exc:
+        raise MtplabError(f"{where}: {exc}") from None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a value against its field's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise MtplabError(f"{where} must be a list, got {value!r}")
+        (item_type,) = typing.get_args(hint)
+        return [_coerce(v, item_type, where) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise MtplabError(f"{where} must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise MtplabError(f"{where} must be an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise MtplabError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-3` -> (["train", "lr"], 0.001). Values are read as TOML, bare words as strings."""
+    if "=" not in text:
+        raise MtplabError(f"--set expects section.key=value, got {text!r}")
+    key, raw_value = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise MtplabError(f"--set expects section.key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw_value}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value
+    return path, value
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML recipe (or start from defaults) and apply `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise MtplabError(f"recipe not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise MtplabError(f"{path} is not valid TOML: {exc}") from None
+        where = str(path)
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise MtplabError(f"--set {text}: {section} is not a section")
+        raw[section][key] = value
+    return Config.from_dict(raw, where)
+
+
+def model_config_from_dict(raw: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    return _build(ModelConfig, raw, where)
+
+
+__all__ = ["Config", "ModelConfig", "TokenizerConfig", "DataConfig", "TrainConfig",
+           "load_config", "parse_override", "model_config_from_dict"]

@@ -1,0 +1,55 @@
+"""Text corpora as one long token array on disk (numpy memmap), the format packed LM batches read.
+
+`tokens.bin` holds the ids back to back, documents separated by eos; `tokens.json` records the
+dtype (uint16 when the vocabulary fits, else uint32) and the count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..errors import MtplabError
+from ..interop.atomic import atomic_write, atomic_write_text
+
+
+def read_text_files(paths: Iterable[str | Path]) -> list[str]:
+    texts = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise MtplabError(f"text file not found: {path}")
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise MtplabError(f"{path}: not UTF-8 text") from None
+    return texts
+
+
+def pack_tokens(documents: Iterable[list[int]], eos_id: int, out: str | Path, vocab_size: int) -> np.memmap:
+    """Write documents' ids, each followed by eos, to `out` (a .bin file) and map it back."""
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    arrays = [np.asarray(doc + [eos_id], dtype=dtype) for doc in documents if doc]
+    if not arrays:
+        raise MtplabError("the corpus is empty: no tokens to train on")
+    flat = np.concatenate(arrays)
+    out = Path(out)
+    atomic_write(out, lambda tmp: flat.tofile(tmp))
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"dtype": np.dtype(dtype).name,
+                                                            "count": int(flat.size)}))
+    return open_tokens(out)
+
+
+def open_tokens(path: str | Path) -> np.memmap:
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise MtplabError(f"no packed tokens at {path} (needs {path.name} and {meta_path.name})")
+    meta = json.loads(meta_path.read_text())
+    dtype = np.dtype(meta["dtype"])
+    if path.stat().st_size != meta["count"] * dtype.itemsize:
+        raise MtplabError(f"{path}: size does not match {meta_path.name} (truncated file?)")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(meta["count"],))

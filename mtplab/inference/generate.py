@@ -1,0 +1,99 @@
+"""Plain autoregressive decoding with the KV cache, head 0 only, as a stream of events.
+
+An event carries the tokens one model forward produced. Here that is always one computed token;
+speculative decoding yields events with accepted draft tokens too, so every consumer (CLI, server,
+chat page) handles both the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..errors import MtplabError
+from ..models.transformer import Transformer
+from .sampling import SamplingParams, sample
+
+
+@dataclass
+class Event:
+    tokens: list[int]  # new tokens, in order
+    accepted: list[bool] = field(default_factory=list)  # per token: was it a draft the model accepted
+    drafted: int = 0  # draft tokens proposed in this forward
+    finished: bool = False  # eos reached (eos itself is not in tokens) or the token limit
+
+    def __post_init__(self) -> None:
+        if not self.accepted:
+            self.accepted = [False] * len(self.tokens)
+
+
+def fit_prompt(model: Transformer, prompt: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+    """Keep the prompt's last tokens so that prompt + new tokens fit the context window."""
+    if not prompt:
+        raise MtplabError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise MtplabError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    window = model.config.max_seq_len
+    max_new_tokens = min(max_new_tokens, window - 1)
+    return prompt[-(window - max_new_tokens):], max_new_tokens
+
+
+@torch.no_grad()
+def generate_plain(model: Transformer, prompt: list[int], max_new_tokens: int = 128,
+                   params: SamplingParams = SamplingParams(), eos_id: int | None = None) -> Iterator[Event]:
+    prompt, max_new_tokens = fit_prompt(model, prompt, max_new_tokens)
+    device = model.device
+    generator = params.generator(device)
+    cache = model.new_cache(batch=1, max_len=len(prompt) + max_new_tokens)
+    ids = torch.tensor([prompt], device=device)
+    logits = model(ids, cache, n_heads=1, last_only=True)[0][:, -1]  # [1, V]
+    for produced in range(1, max_new_tokens + 1):
+        token = sample(logits, params, generator)  # [1]
+        value = int(token)
+        if value == eos_id:
+            yield Event([], finished=True)
+            return
+        yield Event([value], finished=produced == max_new_tokens)
+        if produced == max_new_tokens:
+            return
+        logits = model(token[:, None], cache, n_heads=1)[0][:, -1]
+
+
+def generate_ids(model: Transformer, prompt: list[int], max_new_tokens: int = 128,
+                 params: SamplingParams = SamplingParams(), eos_id: int | None = None) -> list[int]:
+    return [t for event in generate_plain(model, prompt, max_new_tokens, params, eos_id)
+            for t in event.tokens]
+
+
+class TextDecoder:
+    """Incremental detokenization: feed ids, get the new text; waits while a character is split."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def feed(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence; wait for the next token
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta
+
+
+def stream(model: Transformer, tokenizer, prompt: str, chat: bool = False, max_new_tokens: int = 128,
+           params: SamplingParams = SamplingParams()) -> Iterator[tuple[str, Event]]:
+    """(new text, event) pairs for a text prompt; `chat` wraps it in the tokenizer's template."""
+    text = tokenizer.chat_prompt(prompt) if chat else prompt
+    decoder = TextDecoder(tokenizer)
+    for event in generate_plain(model, tokenizer.encode(text), max_new_tokens, params,
+                                tokenizer.eos_id):
+        yield decoder.feed(event.tokens), event
+
+
+def generate(model: Transformer, tokenizer, prompt: str, chat: bool = False, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> str:
+    """The completion of `prompt` as text (greedy unless a temperature is given)."""
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    return "".join(delta for delta, _ in stream(model, tokenizer, prompt, chat, max_new_tokens, params))

@@ -1,0 +1,74 @@
+"""Multi-token prediction head families. Head k predicts token t+1+k from position t.
+
+All heads end in the model's shared final norm and unembedding; a head here only produces the
+hidden state [B, T_k, D] that feeds them.
+
+- parallel (Gloeckle et al. 2024, seed 001): head k is its own stack of blocks on the trunk output.
+- sequential (DeepSeek-V3 §2.2, seed 002): head 0 is the trunk itself; module k >= 1 mixes the
+  previous depth's hidden state with the embedding of token t+k and runs one block, so depth k can
+  only be computed where token t+k is known (T - k positions).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from .kv_cache import KVCache
+from .layers import AttentionMask, Block, Rotary, make_norm
+
+
+class ParallelHeads(nn.Module):
+    chained = False  # every head reads the trunk output
+
+    def __init__(self, config: ModelConfig, first_layer: int):
+        super().__init__()
+        per = config.head_layers
+        self.heads = nn.ModuleList(
+            nn.ModuleList(Block(config, first_layer + k * per + j) for j in range(per))
+            for k in range(config.n_future))
+        self.n_layers = config.n_future * per
+
+    def hidden(self, k: int, h_in: torch.Tensor, ids: torch.Tensor, embed: Callable,
+               rotary: Rotary | None, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+        x = h_in  # [B, T, D]
+        for block in self.heads[k]:
+            x = block(x, mask, rotary, cache)
+        return x
+
+
+class SequentialModule(nn.Module):
+    """DeepSeek-V3 MTP module: eh_proj([enorm(Emb(x_{t+k})); hnorm(h^{k-1}_t)]) -> block.
+    The embedding comes first in the concatenation, as in the DeepSeek-V3 release."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = make_norm(config)
+        self.hnorm = make_norm(config)
+        self.eh_proj = nn.Linear(2 * config.d_model, config.d_model, bias=False)
+        self.block = Block(config, layer_idx)
+
+
+class SequentialHeads(nn.Module):
+    chained = True  # depth k reads depth k-1
+
+    def __init__(self, config: ModelConfig, first_layer: int):
+        super().__init__()
+        # Each module keeps its own cache group, so its blocks are layer 0 of that group.
+        self.modules_ = nn.ModuleList(SequentialModule(config, 0) for _ in range(config.n_future - 1))
+        self.n_layers = 0  # none of these blocks live in the trunk's cache
+
+    def hidden(self, k: int, h_in: torch.Tensor, ids: torch.Tensor, embed: Callable,
+               rotary: Rotary | None, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+        if k == 0:
+            return h_in
+        if cache is not None:
+            raise NotImplementedError("cached decoding through sequential MTP modules")
+        module = self.modules_[k - 1]
+        t = h_in.size(1) - 1  # depth k-1 covers one more position than depth k
+        e = embed(ids[:, k:k + t])  # [B, t, D] embeddings of tokens x_{i+k}
+        x = module.eh_proj(torch.cat([module.enorm(e), module.hnorm(h_in[:, :t])], dim=-1))
+        return module.block(x, AttentionMask(0, t, x.device), rotary, None)

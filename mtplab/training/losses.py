@@ -1,0 +1,77 @@
+"""Multi-token prediction losses, and the training step that never holds every head's logits.
+
+Head k at position t is scored against labels[:, t + k] (labels are already the next tokens), so
+labels that are IGNORE (prompt, padding) are skipped for every head alike.
+
+`backward_heads` follows Gloeckle et al.: the trunk runs once; each head runs against a detached copy
+of its input, its [B, T, V] logits are scored and back-propagated at once and freed, and the
+gradients gathered on the detached inputs are finally pushed through the trunk in one backward.
+Peak memory is then one head's logits, whatever the number of heads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batches import IGNORE
+from ..models.layers import AttentionMask
+from ..models.transformer import Transformer
+
+
+def head_loss(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of head k ([B, T_k, V] logits) and the number of scored tokens."""
+    targets = labels[:, k:k + logits.size(1)]
+    logits = logits[:, :targets.size(1)]
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                            ignore_index=IGNORE, reduction="sum")
+    return total, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def evaluate_heads(model: Transformer, batches) -> list[float]:
+    """Mean cross-entropy (nats/token) of every head over an iterable of (inputs, labels)."""
+    n = model.n_future
+    totals, counts = [0.0] * n, [0] * n
+    for ids, labels in batches:
+        ids, labels = ids.to(model.device), labels.to(model.device)
+        for k, logits in enumerate(model(ids)):
+            total, count = head_loss(logits, labels, k)
+            totals[k] += float(total)
+            counts[k] += count
+    return [t / max(c, 1) for t, c in zip(totals, counts)]
+
+
+def backward_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, weights: list[float],
+                   scale: float = 1.0, autocast=contextlib.nullcontext) -> list[float]:
+    """Accumulate gradients of sum_k weights[k] * mean CE_k (times `scale`); return each CE_k."""
+    with autocast():
+        h = model.trunk(ids, AttentionMask(0, ids.size(1), ids.device))  # [B, T, D]
+    trunk_out = h.detach().requires_grad_()
+    mask = AttentionMask(0, ids.size(1), ids.device)
+    # Head hidden states stay alive (each [B, T, D]); their logits ([B, T, V]) never do together.
+    outputs, detached = [], []
+    prev = trunk_out
+    for k in range(model.n_future):
+        with autocast():
+            out = model.head_hidden(k, prev if model.heads.chained else trunk_out, ids, mask)
+        leaf = out.detach().requires_grad_()
+        outputs.append(out)
+        detached.append(leaf)
+        prev = leaf
+    losses = [0.0] * model.n_future
+    for k in reversed(range(model.n_future)):  # deepest first: its gradient feeds depth k-1
+        with autocast():
+            logits = model.logits(detached[k])
+        total, count = head_loss(logits, labels, k)
+        mean = total / max(count, 1)
+        losses[k] = mean.item()
+        (mean * weights[k] * scale).backward()
+        del logits, total, mean
+        if outputs[k] is not detached[k] and detached[k].grad is not None:
+            outputs[k].backward(detached[k].grad)  # into the head's weights and its input
+    if trunk_out.grad is not None:
+        h.backward(trunk_out.grad)
+    return losses

@@ -1,0 +1,228 @@
+"""The training loop: AdamW with decay groups, warmup + cosine/WSD, accumulation, clipping,
+bf16 autocast where the hardware has it, periodic held-out evaluation, atomic checkpoints,
+exact `--resume`, metrics.jsonl, a progress bar and a loss plot."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..data.pipeline import Dataset, build_dataset
+from ..errors import MtplabError
+from ..evaluation.plots import plot_losses, read_metrics
+from ..interop.atomic import atomic_write_text
+from ..interop.checkpoint import (TRAINER_STATE, load_state, load_tokenizer, load_weights,
+                                  save_checkpoint)
+from ..models.transformer import Transformer
+from .losses import backward_heads, evaluate_heads
+from .schedules import lr_multiplier
+
+METRICS, LOSS_PLOT = "metrics.jsonl", "loss.png"
+
+
+@dataclass
+class TrainResult:
+    model: Transformer
+    dataset: Dataset
+    out_dir: Path
+    step: int
+    head_losses: list[float] = field(default_factory=list)  # last logged train losses
+    eval_head_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MtplabError("device cuda requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """bf16 autocast on a GPU that supports it ('auto'), or wherever asked for ('bf16')."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda"
+                                   and torch.cuda.is_bf16_supported())
+    if not use_bf16:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+
+
+def make_optimizer(model: Transformer, config: Config) -> torch.optim.AdamW:
+    """Weight decay on matrices (embeddings included), none on norms, biases and scalars."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    t = config.train
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _numpy_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached": cached}
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_vocab(config: Config, vocab_size: int) -> None:
+    """Size the model's vocabulary from the tokenizer (multiple of 64), or check that it fits."""
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = 64 * -(-vocab_size // 64)
+    elif vocab_size > config.model.vocab_size:
+        raise MtplabError(f"tokenizer has {vocab_size} tokens but model.vocab_size is "
+                          f"{config.model.vocab_size}: the vocabulary does not fit the model")
+
+
+def train(config: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train the model described by `config`, writing a checkpoint directory to `out_dir`."""
+    out_dir = Path(out_dir)
+    t_cfg = config.train
+    device = pick_device(t_cfg.device)
+    seed_everything(t_cfg.seed)
+
+    trainer_state = None
+    tokenizer = None
+    if resume:
+        if not (out_dir / TRAINER_STATE).is_file():
+            raise MtplabError(f"cannot resume: {out_dir} has no {TRAINER_STATE}")
+        tokenizer = load_tokenizer(out_dir)
+        try:
+            trainer_state = torch.load(out_dir / TRAINER_STATE, weights_only=True)
+        except Exception as exc:  # truncated or foreign file
+            raise MtplabError(f"cannot read {out_dir / TRAINER_STATE}: {exc}") from None
+    else:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MtplabError(f"cannot create {out_dir}: {exc.strerror}") from None
+        if (out_dir / TRAINER_STATE).exists():
+            raise MtplabError(f"{out_dir} already holds a training run: pass --resume, "
+                              "or choose another --out")
+
+    dataset = build_dataset(config, out_dir, tokenizer)
+    resolve_vocab(config, dataset.tokenizer.vocab_size)
+    model = Transformer(config.model).to(device)
+    optimizer = make_optimizer(model, config)
+    start = 0
+    if trainer_state is not None:
+        state, weights_step = load_weights(out_dir)
+        if weights_step != trainer_state["step"]:
+            raise MtplabError(f"{out_dir}: weights are from step {weights_step} but the trainer "
+                              f"state from step {trainer_state['step']} (interrupted save?)")
+        load_state(model, state, out_dir)
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        dataset.train.load_state_dict(trainer_state["data"])
+        _restore_rng(trainer_state["rng"])
+        start = trainer_state["step"]
+    _truncate_metrics(out_dir / METRICS, start)
+
+    autocast = autocast_for(device, t_cfg.dtype)
+    weights = config.model.head_weights
+    run_config = config.to_dict()
+    result = TrainResult(model, dataset, out_dir, start)
+
+    def save(step: int) -> None:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                 "data": dataset.train.state_dict()}
+        save_checkpoint(out_dir, model, dataset.tokenizer, run_config, state, step)
+        plot_losses(out_dir / METRICS, out_dir / LOSS_PLOT)
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        with autocast():
+            losses = evaluate_heads(model, dataset.eval.eval_batches(t_cfg.eval_batches))
+        model.train()
+        result.eval_head_losses = losses
+        _append(out_dir / METRICS, {"step": step, "eval_loss": _weighted(losses, weights),
+                                    "eval_head_losses": losses})
+
+    bar = tqdm(total=t_cfg.steps, initial=start, disable=not progress, unit="step",
+               desc=f"train {model.num_parameters() / 1e6:.2f}M", dynamic_ncols=True)
+    model.train()
+    t0, tokens, window_t0, window_tokens = time.perf_counter(), 0, time.perf_counter(), 0
+    for step in range(start, t_cfg.steps):
+        lr = t_cfg.lr * lr_multiplier(step, t_cfg.steps, t_cfg.warmup_steps, t_cfg.schedule,
+                                      t_cfg.min_lr_ratio, t_cfg.decay_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        head_losses = [0.0] * model.n_future
+        for _ in range(t_cfg.grad_accum):
+            ids, labels = dataset.train.next()
+            ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            micro = backward_heads(model, ids, labels, weights, 1.0 / t_cfg.grad_accum, autocast)
+            head_losses = [a + b / t_cfg.grad_accum for a, b in zip(head_losses, micro)]
+            window_tokens += ids.numel()
+        if t_cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        result.head_losses, result.step = head_losses, done
+        bar.update(1)
+        if done % t_cfg.log_every == 0 or done == t_cfg.steps:
+            now = time.perf_counter()
+            tok_s = window_tokens / max(now - window_t0, 1e-9)
+            tokens += window_tokens
+            window_t0, window_tokens = now, 0
+            loss = _weighted(head_losses, weights)
+            _append(out_dir / METRICS, {"step": done, "loss": loss, "head_losses": head_losses,
+                                        "lr": lr, "tokens_per_s": tok_s})
+            bar.set_postfix(loss=f"{loss:.3f}", head0=f"{head_losses[0]:.3f}", tok_s=f"{tok_s:,.0f}")
+        if done % t_cfg.eval_every == 0 or done == t_cfg.steps:
+            evaluate(done)
+            save(done)
+    bar.close()
+    if start >= t_cfg.steps and not (out_dir / LOSS_PLOT).exists():
+        plot_losses(out_dir / METRICS, out_dir / LOSS_PLOT)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _weighted(losses: list[float], weights: list[float]) -> float:
+    return float(sum(l * w for l, w in zip(losses, weights)))
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint a run resumes from (they will be logged again)."""
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    if path.exists() or rows:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
