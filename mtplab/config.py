@@ -116,6 +116,7 @@ class DataConfig:
     n_train: int = 20000  # synthetic problems to generate
     n_eval: int = 500
     max_steps: int = 3  # synthetic: most arithmetic steps in a problem
+    max_number: int = 50  # synthetic: largest starting amount or number added
     seed: int = 0
 
     def __post_init__(self) -> None:

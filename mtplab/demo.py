@@ -42,7 +42,7 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: list[str] = (), progr
     train_seconds = time.perf_counter() - start
 
     problems = result.dataset.eval_examples[:n_answer]
-    report = evaluate_answers(model, tokenizer, problems, max_new_tokens=c.data.seq_len,
+    report = evaluate_answers(model, tokenizer, problems, max_new_tokens=96,
                               progress=progress)
     atomic_write_text(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in report.pop("rows")))
     summary = {
@@ -69,7 +69,7 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: list[str] = (), progr
     from .inference.generate import generate
 
     say("         A: " + generate(model, tokenizer, sample["question"], chat=True,
-                                  max_new_tokens=c.data.seq_len).replace("\n", "\n            "))
+                                  max_new_tokens=96).replace("\n", "\n            "))
     say(f"\ncheckpoint, loss plot and per-problem answers in {out}/ "
         f"(total {summary['wall_seconds']:.0f} s)")
     say(f"try: mtplab generate {out} --chat --prompt \"Ava has 12 apples. Then Ava buys 5 more "

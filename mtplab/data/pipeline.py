@@ -33,7 +33,7 @@ def load_examples(config: Config) -> tuple[list, list]:
     """Train and held-out examples: question/answer dicts, or raw text strings for `text`."""
     data = config.data
     if data.source == "synthetic":
-        return make_split(data.n_train, data.n_eval, data.seed, data.max_steps)
+        return make_split(data.n_train, data.n_eval, data.seed, data.max_steps, data.max_number)
     paths = [p.strip() for p in data.path.split(",") if p.strip()]
     if not paths:
         raise MtplabError(f"data.path is required for data.source = {data.source!r}")

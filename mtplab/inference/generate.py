@@ -30,14 +30,15 @@ class Event:
 
 
 def fit_prompt(model: Transformer, prompt: list[int], max_new_tokens: int) -> tuple[list[int], int]:
-    """Keep the prompt's last tokens so that prompt + new tokens fit the context window."""
+    """Keep the prompt's last tokens (all of it when it fits, leaving room for one new token) and cap
+    the new tokens to the room left in the context window."""
     if not prompt:
         raise MtplabError("the prompt is empty")
     if max_new_tokens < 1:
         raise MtplabError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     window = model.config.max_seq_len
-    max_new_tokens = min(max_new_tokens, window - 1)
-    return prompt[-(window - max_new_tokens):], max_new_tokens
+    prompt = prompt[-(window - 1):]
+    return prompt, min(max_new_tokens, window - len(prompt))
 
 
 @torch.no_grad()

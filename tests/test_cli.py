@@ -1,0 +1,85 @@
+"""The command line as a user runs it: bad input ends in one line on stderr and exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from mtplab.cli import main
+from tests.conftest import TINY
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, pattern):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtplab: error:") and pattern in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_missing_checkpoint_directory(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", str(tmp_path / "nope"), "--prompt", "hi")
+    assert_one_line_error(code, err, "no checkpoint directory")
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--recipe", str(TINY), "--out", str(tmp_path / "o"),
+                           "--set", "model.depthh=4")
+    assert_one_line_error(code, err, "unknown key 'depthh'")
+    assert "d_model" in err
+
+
+def test_tokenizer_that_does_not_fit_the_model(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--recipe", str(TINY), "--out", str(tmp_path / "o"),
+                           "--set", "model.vocab_size=64", "--quiet")
+    assert_one_line_error(code, err, "does not fit")
+
+
+def test_empty_corpus(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    code, _, err = run_cli(capsys, "train", "--recipe", str(TINY), "--out", str(tmp_path / "o"),
+                           "--set", "data.source=text", "--set", f"data.path={empty}", "--quiet")
+    assert_one_line_error(code, err, "empty")
+
+
+def test_generate_and_bad_sampling_values(capsys, tiny_run):
+    out, _ = tiny_run
+    code, text, _ = run_cli(capsys, "generate", str(out), "--chat", "--prompt",
+                            "Ava has 3 apples. How many apples does Ava have now?",
+                            "--max-new-tokens", "24")
+    assert code == 0 and text.strip()
+    code, _, err = run_cli(capsys, "generate", str(out), "--prompt", "x", "--top-p", "1.5")
+    assert_one_line_error(code, err, "top_p")
+
+
+def test_console_entry_point_trains_and_generates(tmp_path):
+    out = tmp_path / "cli-run"
+    train = subprocess.run([sys.executable, "-m", "mtplab", "train", "--recipe", str(TINY), "--out",
+                            str(out), "--set", "train.steps=12", "--set", "data.n_train=300"],
+                           capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr
+    assert "trained to step 12" in train.stdout
+    assert "step" in train.stderr  # the progress bar
+    gen = subprocess.run([sys.executable, "-m", "mtplab", "generate", str(out), "--prompt", "Ava has",
+                          "--max-new-tokens", "8"], capture_output=True, text=True)
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr
+
+
+def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
+    from mtplab.demo import run_demo
+
+    lines = []
+    summary = run_demo(tmp_path / "demo", ["train.steps=6", "train.eval_every=6", "data.n_train=300",
+                                           "data.n_eval=4"], progress=False, say=lines.append)
+    assert summary["held_out_problems"] == 4 and 0 <= summary["held_out_accuracy"] <= 1
+    assert 2e6 <= summary["parameters"] <= 5e6
+    assert len(summary["final_eval_loss_per_head"]) == 4
+    for name in ["demo.json", "eval.jsonl", "loss.png", "model.safetensors"]:
+        assert (tmp_path / "demo" / name).is_file()
+    assert any("accuracy" in line for line in lines)

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mtplab
+from mtplab.config import load_config
+from mtplab.errors import MtplabError
+from mtplab.training import trainer
+from tests.conftest import TINY
+
+SMALL = ["train.steps=20", "train.eval_every=10", "train.log_every=5", "data.n_train=400",
+         "data.n_eval=16"]
+
+
+def test_tiny_loss_falls_below_threshold(tiny_run):
+    out, result = tiny_run
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "head_losses" in r)
+    assert first["head_losses"][0] > 4.5  # ~ln(vocab) at the start
+    assert result.eval_head_losses[0] < 3.3  # after 60 steps, a few seconds
+    assert len(result.eval_head_losses) == 2
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "loss.png"]:
+        assert (out / name).is_file(), name
+
+
+def test_save_then_load_gives_identical_logits(tiny_run):
+    out, result = tiny_run
+    model, tokenizer = mtplab.load(out)
+    ids = torch.tensor([tokenizer.encode(tokenizer.chat_prompt("Ava has 3 apples."))])
+    with torch.no_grad():
+        for a, b in zip(result.model.eval()(ids), model(ids)):
+            assert torch.equal(a, b)
+
+
+def test_resume_continues_to_bit_identical_weights(tmp_path, monkeypatch):
+    config = load_config(TINY, SMALL)
+    trainer.train(config, tmp_path / "straight", progress=False)
+
+    real_save = trainer.save_checkpoint
+
+    def save_then_die(directory, model, tokenizer, run_config, state, step):
+        real_save(directory, model, tokenizer, run_config, state, step)
+        raise KeyboardInterrupt  # killed right after the step-10 checkpoint
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(load_config(TINY, SMALL), tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["step"] == 10
+
+    result = trainer.train(load_config(TINY, SMALL), tmp_path / "resumed", resume=True, progress=False)
+    assert result.step == 20
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "head_losses" in r]
+    assert steps == [5, 10, 15, 20]  # nothing logged twice across the restart
+
+
+def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path, tiny_run):
+    out, _ = tiny_run
+    with pytest.raises(MtplabError, match="--resume"):
+        trainer.train(load_config(TINY, SMALL), out, progress=False)
+    with pytest.raises(MtplabError, match="cannot resume"):
+        trainer.train(load_config(TINY, SMALL), tmp_path / "empty", resume=True, progress=False)
+
+
+def test_mismatched_weights_and_trainer_state_are_detected(tmp_path):
+    out = tmp_path / "run"
+    trainer.train(load_config(TINY, SMALL), out, progress=False)
+    state = torch.load(out / "trainer_state.pt", weights_only=True)
+    state["step"] = 10  # as if the save of the step-20 weights finished but not the state
+    torch.save(state, out / "trainer_state.pt")
+    with pytest.raises(MtplabError, match="interrupted save"):
+        trainer.train(load_config(TINY, SMALL), out, resume=True, progress=False)
