@@ -26,7 +26,8 @@ def train(recipe, out_dir, overrides=(), resume=False, progress=True):
 
 
 def generate(model, tokenizer, prompt, **options):
-    """Text completion; options: chat, max_new_tokens, temperature, top_k, top_p, seed."""
-    from .inference.generate import generate as run
+    """Text completion; options: chat, max_new_tokens, temperature, top_k, top_p, seed,
+    speculative (default: on when the model has several heads), n_draft."""
+    from .inference.decode import generate as run
 
     return run(model, tokenizer, prompt, **options)

@@ -36,7 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
+                   help="draft with the extra heads, verify with head 0 (default: on with >1 head)")
+    p.add_argument("--n-draft", type=int, default=None, help="draft tokens per step (<= heads - 1)")
+    p.add_argument("--show-drafts", action="store_true",
+                   help="mark accepted draft tokens and print speculation stats")
     _add_sampling(p)
+
+    p = sub.add_parser("bench", help="decode the same prompts plain and speculative; compare speed")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompts", help="text file, one prompt per line (.jsonl: questions, chat format)")
+    p.add_argument("--chat", action="store_true", help="wrap text-file prompts in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--n-draft", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("demo", help="train and evaluate on built-in arithmetic problems (minutes, CPU)")
     p.add_argument("--out", default="runs/demo")
@@ -55,16 +68,68 @@ def cmd_train(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .inference.generate import stream
+    from .inference.decode import TextDecoder, decode
     from .inference.sampling import SamplingParams
+    from .inference.speculative import SpeculativeStats
     from .interop.checkpoint import load_model
 
     model, tokenizer = load_model(args.checkpoint, args.device)
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    for delta, _ in stream(model, tokenizer, args.prompt, args.chat, args.max_new_tokens, params):
-        sys.stdout.write(delta)
+    text = tokenizer.chat_prompt(args.prompt) if args.chat else args.prompt
+    stats = SpeculativeStats()
+    mark = ("\033[32;4m", "\033[0m") if sys.stdout.isatty() else ("[", "]")
+    decoder = TextDecoder(tokenizer)
+    for event in decode(model, tokenizer.encode(text), args.max_new_tokens, params, tokenizer.eos_id,
+                        args.speculative, args.n_draft, stats):
+        for token, accepted in zip(event.tokens, event.accepted):
+            piece = decoder.feed([token])
+            sys.stdout.write(f"{mark[0]}{piece}{mark[1]}" if accepted and args.show_drafts and piece
+                             else piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if args.show_drafts and stats.forwards:
+        acc = " ".join(f"{a:.2f}" for a in stats.acceptance_by_position)
+        print(f"{stats.tokens} tokens in {stats.forwards} forwards: {stats.tokens_per_forward:.2f} "
+              f"tokens/forward, {stats.tokens_per_second:.1f} tokens/s; acceptance by draft "
+              f"position: {acc}", file=sys.stderr)
+
+
+def read_prompts(path: str | None, tokenizer, chat: bool) -> list[list[int]]:
+    """Prompt token ids from a text or jsonl file, or built-in held-out arithmetic questions."""
+    from pathlib import Path
+
+    from .data.qa import load_qa_jsonl
+    from .data.synthetic import make_problems
+
+    if path is None:
+        texts = [tokenizer.chat_prompt(p["question"]) for p in make_problems(8, seed=987_654)]
+    elif path.endswith(".jsonl"):
+        texts = [tokenizer.chat_prompt(ex["question"]) for ex in load_qa_jsonl(path)]
+    else:
+        if not Path(path).is_file():
+            raise MtplabError(f"prompts file not found: {path}")
+        lines = [l for l in Path(path).read_text().splitlines() if l.strip()]
+        if not lines:
+            raise MtplabError(f"{path}: no prompts")
+        texts = [tokenizer.chat_prompt(l) if chat else l for l in lines]
+    return [tokenizer.encode(t) for t in texts]
+
+
+def cmd_bench(args) -> None:
+    import json
+
+    from .evaluation.speed import bench_decoding, format_bench
+    from .interop.checkpoint import load_model
+
+    model, tokenizer = load_model(args.checkpoint)
+    if model.n_future < 2:
+        raise MtplabError(f"{args.checkpoint} has one head: nothing to draft with")
+    prompts = read_prompts(args.prompts, tokenizer, args.chat)
+    result = bench_decoding(model, prompts, args.max_new_tokens, tokenizer.eos_id, args.n_draft)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
+    else:
+        print(format_bench(result))
 
 
 def cmd_demo(args) -> None:
@@ -73,7 +138,7 @@ def cmd_demo(args) -> None:
     run_demo(args.out, args.overrides, progress=not args.quiet)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,8 @@ from pathlib import Path
 from .config import load_config
 from .errors import MtplabError
 from .evaluation.exact_match import evaluate_answers
+from .evaluation.speed import bench_decoding
+from .inference.decode import generate
 from .interop.atomic import atomic_write_text
 from .training.trainer import train
 
@@ -42,8 +44,7 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: list[str] = (), progr
     train_seconds = time.perf_counter() - start
 
     problems = result.dataset.eval_examples[:n_answer]
-    report = evaluate_answers(model, tokenizer, problems, max_new_tokens=96,
-                              progress=progress)
+    report = evaluate_answers(model, tokenizer, problems, max_new_tokens=96, progress=progress)
     atomic_write_text(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in report.pop("rows")))
     summary = {
         "parameters": model.num_parameters(),
@@ -53,8 +54,12 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: list[str] = (), progr
         "held_out_accuracy": report["accuracy"],
         "held_out_accuracy_by_steps": report["accuracy_by_steps"],
         "held_out_problems": report["n"],
-        "wall_seconds": round(time.perf_counter() - start, 1),
     }
+    prompts = [tokenizer.encode(tokenizer.chat_prompt(p["question"])) for p in problems[:16]]
+    speed = bench_decoding(model, prompts, max_new_tokens=96, eos_id=tokenizer.eos_id)
+    summary.update({k: speed[k] for k in ("plain_tokens_per_s", "speculative_tokens_per_s", "speedup",
+                                          "tokens_per_forward", "acceptance_by_position", "identical")})
+    summary["wall_seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=2) + "\n")
 
     say("")
@@ -64,10 +69,13 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: list[str] = (), progr
     say(f"held-out exact-match accuracy: {report['accuracy']:.1%} of {report['n']} problems")
     for steps, acc in report["accuracy_by_steps"].items():
         say(f"  {steps}-step problems: {acc:.1%}")
+    acc = " ".join(f"{a:.2f}" for a in speed["acceptance_by_position"])
+    say(f"speculative decoding with the {model.n_future - 1} extra heads: {speed['speedup']:.2f}x tokens/s "
+        f"({speed['speculative_tokens_per_s']:.0f} vs {speed['plain_tokens_per_s']:.0f} plain), "
+        f"{speed['tokens_per_forward']:.2f} tokens per forward, acceptance by draft position {acc}, "
+        f"output identical to plain greedy: {str(speed['identical']).lower()}")
     sample = problems[0]
     say(f"\nexample  Q: {sample['question']}")
-    from .inference.generate import generate
-
     say("         A: " + generate(model, tokenizer, sample["question"], chat=True,
                                   max_new_tokens=96).replace("\n", "\n            "))
     say(f"\ncheckpoint, loss plot and per-problem answers in {out}/ "

@@ -43,7 +43,7 @@ def evaluate_answers(model, tokenizer, examples: list[dict], max_new_tokens: int
     when the examples carry it, plus one row per example."""
     from tqdm.auto import tqdm
 
-    from ..inference.generate import generate
+    from ..inference.decode import generate
 
     rows = []
     for ex in tqdm(examples, desc="answering", disable=not progress, unit="q", dynamic_ncols=True):

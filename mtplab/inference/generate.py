@@ -67,34 +67,3 @@ def generate_ids(model: Transformer, prompt: list[int], max_new_tokens: int = 12
     return [t for event in generate_plain(model, prompt, max_new_tokens, params, eos_id)
             for t in event.tokens]
 
-
-class TextDecoder:
-    """Incremental detokenization: feed ids, get the new text; waits while a character is split."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.text = tokenizer, [], ""
-
-    def feed(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence; wait for the next token
-            return ""
-        delta, self.text = text[len(self.text):], text
-        return delta
-
-
-def stream(model: Transformer, tokenizer, prompt: str, chat: bool = False, max_new_tokens: int = 128,
-           params: SamplingParams = SamplingParams()) -> Iterator[tuple[str, Event]]:
-    """(new text, event) pairs for a text prompt; `chat` wraps it in the tokenizer's template."""
-    text = tokenizer.chat_prompt(prompt) if chat else prompt
-    decoder = TextDecoder(tokenizer)
-    for event in generate_plain(model, tokenizer.encode(text), max_new_tokens, params,
-                                tokenizer.eos_id):
-        yield decoder.feed(event.tokens), event
-
-
-def generate(model: Transformer, tokenizer, prompt: str, chat: bool = False, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> str:
-    """The completion of `prompt` as text (greedy unless a temperature is given)."""
-    params = SamplingParams(temperature, top_k, top_p, seed)
-    return "".join(delta for delta, _ in stream(model, tokenizer, prompt, chat, max_new_tokens, params))

@@ -40,7 +40,8 @@ class SamplingParams:
 
 def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[..., V] logits -> [..., V] probabilities after temperature, top-k and top-p."""
-    logits = logits.float() / params.temperature
+    # at least fp32 (bf16/fp16 logits are upcast); fp64 stays fp64
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / params.temperature
     if params.top_k > 0 and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

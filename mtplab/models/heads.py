@@ -66,9 +66,18 @@ class SequentialHeads(nn.Module):
         if k == 0:
             return h_in
         if cache is not None:
-            raise NotImplementedError("cached decoding through sequential MTP modules")
-        module = self.modules_[k - 1]
+            raise ValueError("sequential depths keep caches of their own: use run_module")
         t = h_in.size(1) - 1  # depth k-1 covers one more position than depth k
-        e = embed(ids[:, k:k + t])  # [B, t, D] embeddings of tokens x_{i+k}
-        x = module.eh_proj(torch.cat([module.enorm(e), module.hnorm(h_in[:, :t])], dim=-1))
-        return module.block(x, AttentionMask(0, t, x.device), rotary, None)
+        return self.run_module(k, h_in[:, :t], ids[:, k:k + t], embed, rotary)
+
+    def run_module(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, embed: Callable,
+                   rotary: Rotary | None, cache: KVCache | None = None) -> torch.Tensor:
+        """Depth k at positions i..j: h_prev = depth k-1 there [B, n, D], next_ids = x_{i+k..j+k}.
+        With a cache (this module's own, one layer), the positions continue the cached ones."""
+        module = self.modules_[k - 1]
+        x = module.eh_proj(torch.cat([module.enorm(embed(next_ids)), module.hnorm(h_prev)], dim=-1))
+        start = cache.length if cache is not None else 0
+        out = module.block(x, AttentionMask(start, x.size(1), x.device), rotary, cache)
+        if cache is not None:
+            cache.advance(x.size(1))
+        return out

@@ -73,10 +73,11 @@ class Transformer(nn.Module):
         return KVCache(c.n_layers + self.heads.n_layers, batch, c.kv_heads, max_len or c.max_seq_len,
                        c.head_dim, device=self.device, dtype=dtype or self.wte.weight.dtype)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, n_heads: int | None = None,
-                last_only: bool = False) -> list[torch.Tensor]:
-        """Logits of the first `n_heads` heads: head k gives [B, T_k, V] (T_k = T, or T - k for
-        sequential depths). With a cache, the new positions continue the cached ones."""
+    def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None,
+                      n_heads: int | None = None) -> list[torch.Tensor]:
+        """Hidden states of the first `n_heads` heads, before the final norm: head k gives
+        [B, T_k, D] (T_k = T, or T - k for sequential depths). With a cache, the new positions
+        continue the cached ones and the cache advances by T."""
         n_heads = self.n_future if n_heads is None else n_heads
         start = cache.length if cache is not None else 0
         mask = AttentionMask(start, ids.size(1), ids.device)
@@ -84,7 +85,13 @@ class Transformer(nn.Module):
         out, prev = [], h
         for k in range(n_heads):
             prev = self.head_hidden(k, h if not self.heads.chained else prev, ids, mask, cache)
-            out.append(self.logits(prev[:, -1:] if last_only else prev))
+            out.append(prev)
         if cache is not None:
             cache.advance(ids.size(1))
         return out
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, n_heads: int | None = None,
+                last_only: bool = False) -> list[torch.Tensor]:
+        """Logits [B, T_k, V] of the first `n_heads` heads (see `hidden_states`)."""
+        return [self.logits(h[:, -1:] if last_only else h)
+                for h in self.hidden_states(ids, cache, n_heads)]

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from mtplab.config import ModelConfig
-from mtplab.inference.generate import TextDecoder, generate_ids, generate_plain
+from mtplab.inference.decode import TextDecoder
+from mtplab.inference.generate import generate_ids, generate_plain
 from mtplab.inference.sampling import SamplingParams, next_token_probs
 from mtplab.models.transformer import Transformer
 
@@ -69,7 +70,7 @@ def test_top_k_1_sampling_is_greedy(model):
 
 def test_streamed_text_joins_to_the_full_decode(tiny_run):
     import mtplab
-    from mtplab.inference.generate import stream
+    from mtplab.inference.decode import stream
 
     model, tok = mtplab.load(tiny_run[0])
     pieces, events = zip(*stream(model, tok, "Ava has 3 apples.", chat=True, max_new_tokens=40))

@@ -1,0 +1,184 @@
+"""Speculative decoding never changes what head 0 would have said."""
+
+import itertools
+
+import pytest
+import torch
+
+from mtplab.config import ModelConfig
+from mtplab.inference import speculative
+from mtplab.inference.generate import generate_ids
+from mtplab.inference.sampling import SamplingParams, next_token_probs
+from mtplab.inference.speculative import Randomness, SpeculativeStats, generate_speculative
+from mtplab.models.transformer import Transformer
+from mtplab.training.losses import backward_heads
+
+FAMILIES = ["parallel", "sequential"]
+
+
+def spec_ids(model, prompt, n, params=SamplingParams(), **kw):
+    return [t for e in generate_speculative(model, prompt, n, params, **kw) for t in e.tokens]
+
+
+def random_model(family, vocab=50, heads=4, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
+                                   mtp=family, n_future=heads)).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_output_equals_plain_over_many_prompts(family):
+    model = random_model(family)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(25):
+        prompt = torch.randint(0, 50, (int(torch.randint(1, 15, (1,), generator=gen)),), generator=gen).tolist()
+        n_draft = int(torch.randint(0, 4, (1,), generator=gen))
+        assert spec_ids(model, prompt, 24, n_draft=n_draft) == generate_ids(model, prompt, 24)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def oracle(request):
+    """A model trained on x_{t+1} = perm(x_t): every head is right, so every draft is."""
+    V, T = 16, 32
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(V, generator=gen)
+    perm = torch.empty(V, dtype=torch.long)
+    perm[order] = order.roll(-1)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, d_model=48, n_layers=1, n_heads=4, max_seq_len=64,
+                                    mtp=request.param, n_future=4, loss_weights=[1.0] * 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        x = torch.empty(32, T + 1, dtype=torch.long)
+        x[:, 0] = torch.randint(0, V, (32,), generator=gen)
+        for t in range(T):
+            x[:, t + 1] = perm[x[:, t]]
+        backward_heads(model, x[:, :-1], x[:, 1:], [1.0] * 4)
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), perm
+
+
+def test_right_heads_accept_every_draft(oracle):
+    model, perm = oracle
+    prompt = [3, int(perm[3]), int(perm[perm[3]])]
+    stats = SpeculativeStats()
+    out = spec_ids(model, prompt, 25, stats=stats)
+    assert out == generate_ids(model, prompt, 25)
+    assert stats.acceptance_by_position == [1.0, 1.0, 1.0]
+    assert stats.forwards == 1 + 6 and stats.tokens_per_forward == pytest.approx(25 / 7)
+    # every forward after the prompt yields k + 1 = 4 tokens
+    events = list(generate_speculative(model, prompt, 25))
+    assert [len(e.tokens) for e in events] == [1, 4, 4, 4, 4, 4, 4]
+    assert events[1].accepted == [True, True, True, False]
+
+
+def test_wrong_heads_still_return_the_plain_output(oracle):
+    model, perm = oracle
+    broken = Transformer(model.config).eval()
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        if model.config.mtp == "parallel":  # head 1 now predicts t+4, head 3 predicts t+2
+            heads = broken.heads.heads
+            heads[1].load_state_dict(model.heads.heads[3].state_dict())
+            heads[3].load_state_dict(model.heads.heads[1].state_dict())
+        else:  # the depth modules see noise instead of the trunk state and the embedding
+            for module in broken.heads.modules_:
+                module.eh_proj.weight.normal_(0, 5.0)
+    prompt = [5, int(perm[5])]
+    stats = SpeculativeStats()
+    assert spec_ids(broken, prompt, 20, stats=stats) == generate_ids(broken, prompt, 20)
+    assert stats.acceptance_by_position[0] < 0.2
+    assert stats.tokens_per_forward < 1.3
+
+
+class Enumerator(Randomness):
+    """Walks one path of the decoder's decision tree, following `script` and then first choices."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script, self.path, self.prob = script, [], 1.0
+
+    def _choose(self, weights):
+        options = [i for i, w in enumerate(weights) if w > 0]
+        pick = self.script[len(self.path)] if len(self.path) < len(self.script) else 0
+        self.path.append((pick, len(options)))
+        self.prob *= weights[options[pick]]
+        return options[pick]
+
+    def draw(self, probs):
+        return self._choose(probs.tolist())
+
+    def accept(self, probability):
+        return self._choose([probability, 1.0 - probability]) == 0
+
+
+def speculative_distribution(model, prompt, n, params):
+    """Every path of the decoder, with its probability, summed per output sequence."""
+    dist, script = {}, []
+    while True:
+        chance = Enumerator(script)
+        out = tuple(spec_ids(model, prompt, n, params, chance=chance))
+        dist[out] = dist.get(out, 0.0) + chance.prob
+        path = chance.path
+        while path and path[-1][0] + 1 >= path[-1][1]:  # odometer: next unexplored branch
+            path.pop()
+        if not path:
+            return dist
+        script = [p for p, _ in path[:-1]] + [path[-1][0] + 1]
+
+
+def plain_distribution(model, prompt, n, params):
+    V = model.config.vocab_size
+    dist = {}
+    with torch.no_grad():
+        for seq in itertools.product(range(V), repeat=n):
+            prob, ids = 1.0, list(prompt)
+            for t in seq:
+                logits = model(torch.tensor([ids]), n_heads=1)[0][0, -1]
+                prob *= float(next_token_probs(logits.double(), params)[t])
+                ids.append(t)
+            dist[seq] = prob
+    return dist
+
+
+def max_gap(a, b):
+    return max(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=2),
+                                    SamplingParams(temperature=1.0, top_p=0.8)], ids=["t1", "topk", "topp"])
+def test_exact_output_distribution_equals_head_0(family, params, monkeypatch):
+    model = random_model(family, vocab=3, heads=3, seed=2).double()
+    prompt = [0, 2]
+    plain = plain_distribution(model, prompt, 3, params)
+    assert sum(plain.values()) == pytest.approx(1.0)
+    spec = speculative_distribution(model, prompt, 3, params)
+    assert sum(spec.values()) == pytest.approx(1.0, abs=1e-9)
+    assert max_gap(spec, plain) < 1e-6
+
+    def wrong_verify(p, q, draft, chance):  # negative control: resample from p, not the residual
+        if chance.accept(min(1.0, float(p[draft] / q[draft]))):
+            return True, draft
+        return False, chance.draw(p)
+
+    monkeypatch.setattr(speculative, "verify", wrong_verify)
+    assert max_gap(speculative_distribution(model, prompt, 3, params), plain) > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_seeded_sampling_statistics_match_plain(family):
+    model = random_model(family, vocab=5, heads=3, seed=4)
+    params = SamplingParams(temperature=0.9, top_k=4, top_p=0.9)
+    prompt, n, runs = [1, 3], 2, 1500
+    counts = {}
+    for seed in range(runs):
+        p = SamplingParams(params.temperature, params.top_k, params.top_p, seed=seed)
+        out = tuple(spec_ids(model, prompt, n, p))
+        counts[out] = counts.get(out, 0) + 1
+    empirical = {k: v / runs for k, v in counts.items()}
+    exact = plain_distribution(model.double(), prompt, n, params)
+    tv = 0.5 * sum(abs(empirical.get(k, 0.0) - v) for k, v in exact.items())
+    assert tv < 0.05, tv
+    assert set(empirical) <= {k for k, v in exact.items() if v > 0}  # filtered tokens never appear
