@@ -102,7 +102,7 @@ def read_prompts(path: str | None, tokenizer, chat: bool) -> list[list[int]]:
     from .data.synthetic import make_problems
 
     if path is None:
-        texts = [tokenizer.chat_prompt(p["question"]) for p in make_problems(8, seed=987_654)]
+        texts = [tokenizer.chat_prompt(p["question"]) for p in make_problems(8, seed=987_654, max_number=20)]
     elif path.endswith(".jsonl"):
         texts = [tokenizer.chat_prompt(ex["question"]) for ex in load_qa_jsonl(path)]
     else:

@@ -83,3 +83,44 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     for name in ["demo.json", "eval.jsonl", "loss.png", "model.safetensors"]:
         assert (tmp_path / "demo" / name).is_file()
     assert any("accuracy" in line for line in lines)
+
+
+QUESTION = "Ava has 3 apples. Then Ava buys 2 more apples. How many apples does Ava have now?"
+
+
+def test_speculative_generate_marks_drafts_and_matches_plain(capsys, tiny_run):
+    out, _ = tiny_run
+    code, plain, _ = run_cli(capsys, "generate", str(out), "--chat", "--prompt", QUESTION,
+                             "--no-speculative", "--max-new-tokens", "40")
+    assert code == 0
+    code, spec, _ = run_cli(capsys, "generate", str(out), "--chat", "--prompt", QUESTION,
+                            "--max-new-tokens", "40")
+    assert code == 0 and spec == plain
+    code, marked, err = run_cli(capsys, "generate", str(out), "--chat", "--prompt", QUESTION,
+                                "--max-new-tokens", "40", "--show-drafts")
+    assert code == 0 and "tokens/forward" in err and "acceptance by draft position" in err
+    assert marked.replace("[", "").replace("]", "") == plain
+
+
+def test_bench_json_reports_identical_outputs(capsys, tiny_run):
+    import json
+
+    out, _ = tiny_run
+    code, text, _ = run_cli(capsys, "bench", str(out), "--max-new-tokens", "16", "--json")
+    assert code == 0
+    result = json.loads(text)
+    assert result["identical"] is True
+    for key in ["plain_tokens_per_s", "speculative_tokens_per_s", "speedup", "tokens_per_forward",
+                "acceptance_by_position"]:
+        assert key in result
+    assert 1.0 <= result["tokens_per_forward"] <= 2.0  # one extra head: at most 2 tokens per forward
+    code, table, _ = run_cli(capsys, "bench", str(out), "--max-new-tokens", "8")
+    assert code == 0 and "speed-up" in table and "acceptance by draft position" in table
+
+
+def test_bench_and_draft_errors(capsys, tiny_run, tmp_path):
+    out, _ = tiny_run
+    code, _, err = run_cli(capsys, "generate", str(out), "--prompt", "x", "--n-draft", "5")
+    assert_one_line_error(code, err, "n_draft must be between 0 and 1")
+    code, _, err = run_cli(capsys, "bench", str(out), "--prompts", str(tmp_path / "none.txt"))
+    assert_one_line_error(code, err, "prompts file not found")

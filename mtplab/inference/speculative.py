@@ -102,7 +102,10 @@ class ParallelDrafter:
         self.pos = n_keep - 1
 
     def draft_logits(self, k: int, drafts: list[int]) -> torch.Tensor:
-        return self.model.logits(self.hidden[k][0, self.pos])
+        if k == 1:  # every head's draft in one unembedding call
+            rows = torch.stack([h[0, self.pos] for h in self.hidden[1:]])  # [n_draft, D]
+            self.drafts = self.model.logits(rows)
+        return self.drafts[k - 1]
 
 
 class SequentialDrafter:

@@ -19,6 +19,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from .kv_cache import KVCache
 from .layers import AttentionMask, Block, Rotary, make_norm
+from .stacked import StackedBlocks
 
 
 class ParallelHeads(nn.Module):
@@ -31,6 +32,24 @@ class ParallelHeads(nn.Module):
             nn.ModuleList(Block(config, first_layer + k * per + j) for j in range(per))
             for k in range(config.n_future))
         self.n_layers = config.n_future * per
+        self.first_layer = first_layer
+        self._stacked: dict[int, list] = {}
+
+    def hidden_all(self, n: int, h_in: torch.Tensor, rotary: Rotary | None, mask: AttentionMask,
+                   cache: KVCache | None = None) -> list[torch.Tensor]:
+        """Heads 0..n-1 at once, layer j of every head batched together (inference only)."""
+        if n not in self._stacked:
+            per = len(self.heads[0])
+            # Head k's layer j sits at cache layer first + k*per + j: batch only when contiguous.
+            self._stacked[n] = [StackedBlocks([self.heads[k][j] for k in range(n)], self.first_layer + j)
+                                for j in range(per)] if per == 1 else None
+        stacks = self._stacked[n]
+        if stacks is None:
+            return [self.hidden(k, h_in, None, None, rotary, mask, cache) for k in range(n)]
+        x = h_in.unsqueeze(0).expand(n, *h_in.shape)
+        for stack in stacks:
+            x = stack(x, mask, rotary, cache)
+        return list(x.unbind(0))
 
     def hidden(self, k: int, h_in: torch.Tensor, ids: torch.Tensor, embed: Callable,
                rotary: Rotary | None, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:

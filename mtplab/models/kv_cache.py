@@ -33,3 +33,12 @@ class KVCache:
     def rollback(self, length: int) -> None:
         """Forget everything after `length` positions (rejected draft tokens)."""
         self.length = min(self.length, length)
+
+    def update_layers(self, first: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update` for n consecutive layers at once: k, v [n, B, Hkv, T, hd] -> [n, B, Hkv, S, hd]."""
+        n, end = k.size(0), self.length + k.size(3)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        self.k[first:first + n, :, :, self.length:end] = k
+        self.v[first:first + n, :, :, self.length:end] = v
+        return self.k[first:first + n, :, :, :end], self.v[first:first + n, :, :, :end]

@@ -29,16 +29,21 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [L, hd/2]
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # Full-width tables so that rotating is x*cos + roll(x)*sin: 4 kernels, not 8.
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], -1), persistent=False)
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], -1), persistent=False)
+        self._memo: tuple = (None, None)  # every layer of one forward asks for the same positions
+
+    def _tables(self, start: int, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (start, t, dtype, self.cos.device)
+        if self._memo[0] != key:
+            self._memo = (key, (self.cos[start:start + t].to(dtype), self.sin[start:start + t].to(dtype)))
+        return self._memo[1]
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         # x: [B, H, T, hd]
-        t = x.size(2)
-        cos = self.cos[start:start + t].to(x.dtype)
-        sin = self.sin[start:start + t].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        cos, sin = self._tables(start, x.size(2), x.dtype)
+        return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 class AttentionMask:
@@ -72,8 +77,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
-        if rotary is not None:
-            q, k = rotary(q, mask.start), rotary(k, mask.start)
+        if rotary is not None:  # q and k in one rotation
+            q, k = rotary(torch.cat([q, k], dim=1), mask.start).split([self.n_heads, self.n_kv], dim=1)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, S, hd]
         y = F.scaled_dot_product_attention(
@@ -111,12 +116,16 @@ class Block(nn.Module):
         self.attn = Attention(config, layer_idx)
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        # no module call when there is no dropout: decoding pays per call, not per flop
+        return F.dropout(x, self.dropout, True) if self.dropout and self.training else x
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, rotary: Rotary | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), mask, rotary, cache))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = x + self._drop(self.attn(self.attn_norm(x), mask, rotary, cache))
+        return x + self._drop(self.mlp(self.mlp_norm(x)))
 
 
 def init_weights(module: nn.Module, std: float, n_layers: int) -> None:

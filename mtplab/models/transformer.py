@@ -26,7 +26,6 @@ class Transformer(nn.Module):
         self.wpe = nn.Embedding(config.max_seq_len, d) if config.pos == "learned" else None
         self.rotary = (Rotary(config.head_dim, config.max_seq_len, config.rope_base)
                        if config.pos == "rope" else None)
-        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.heads = HEAD_FAMILIES[config.mtp](config, first_layer=config.n_layers)
         self.norm_f = make_norm(config)
@@ -53,7 +52,8 @@ class Transformer(nn.Module):
         x = self.wte(ids)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(mask.start, mask.start + ids.size(1), device=ids.device))
-        x = self.drop(x)
+        if self.config.dropout and self.training:
+            x = F.dropout(x, self.config.dropout, True)
         for block in self.blocks:
             x = block(x, mask, self.rotary, cache)
         return x
@@ -82,10 +82,13 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         mask = AttentionMask(start, ids.size(1), ids.device)
         h = self.trunk(ids, mask, cache)
-        out, prev = [], h
-        for k in range(n_heads):
-            prev = self.head_hidden(k, h if not self.heads.chained else prev, ids, mask, cache)
-            out.append(prev)
+        if not self.heads.chained and n_heads > 1 and not torch.is_grad_enabled():
+            out = self.heads.hidden_all(n_heads, h, self.rotary, mask, cache)
+        else:
+            out, prev = [], h
+            for k in range(n_heads):
+                prev = self.head_hidden(k, h if not self.heads.chained else prev, ids, mask, cache)
+                out.append(prev)
         if cache is not None:
             cache.advance(ids.size(1))
         return out

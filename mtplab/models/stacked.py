@@ -1,0 +1,87 @@
+"""Several blocks of the same shape evaluated as one: batched matmuls and one attention call.
+
+At batch-1 decoding on a CPU, time goes to the number of kernel launches, not to arithmetic, so the
+parallel heads' blocks (same input, same shapes) cost about one block this way instead of n. Used
+for inference only; training runs each head on its own to keep one head's logits alive at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import KVCache
+from .layers import AttentionMask, Block, Rotary
+
+PARTS = ["attn_norm.weight", "attn_norm.bias", "mlp_norm.weight", "mlp_norm.bias",
+         "attn.q_proj.weight", "attn.q_proj.bias", "attn.k_proj.weight", "attn.k_proj.bias",
+         "attn.v_proj.weight", "attn.v_proj.bias", "attn.o_proj.weight", "attn.o_proj.bias",
+         "mlp.gate_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.weight", "mlp.up_proj.bias",
+         "mlp.down_proj.weight", "mlp.down_proj.bias"]
+
+
+class StackedBlocks:
+    def __init__(self, blocks: list[Block], first_layer: int):
+        self.blocks, self.first_layer = blocks, first_layer
+        self.key, self.w = None, {}
+        attn, mlp = blocks[0].attn, blocks[0].mlp
+        self.n_heads, self.n_kv, self.hd = attn.n_heads, attn.n_kv, attn.hd
+        self.mlp_kind = mlp.kind
+        self.rms = isinstance(blocks[0].attn_norm, torch.nn.RMSNorm)
+        self.eps = blocks[0].attn_norm.eps
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """Stacked copies, rebuilt whenever a parameter changed (training, loading)."""
+        params = [dict(b.named_parameters()) for b in self.blocks]
+        key = tuple((id(p), p._version) for ps in params for p in ps.values())
+        if key != self.key:
+            self.w = {}
+            for name in PARTS:
+                if name in params[0]:
+                    stacked = torch.stack([ps[name].detach() for ps in params])
+                    # linear weights [n, out, in] -> [n, in, out] for bmm; vectors -> [n, 1, dim]
+                    self.w[name] = stacked.transpose(1, 2).contiguous() if stacked.dim() == 3 \
+                        else stacked.unsqueeze(1)
+            self.key = key
+        return self.w
+
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        bias = self.w.get(name + ".bias")
+        w = self.w[name + ".weight"]
+        return torch.baddbmm(bias, x, w) if bias is not None else torch.bmm(x, w)
+
+    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        d = x.size(-1)
+        if self.rms:
+            return F.rms_norm(x, (d,), eps=self.eps) * self.w[name + ".weight"]
+        y = F.layer_norm(x, (d,), eps=self.eps) * self.w[name + ".weight"]
+        return y + self.w[name + ".bias"] if name + ".bias" in self.w else y
+
+    def __call__(self, x: torch.Tensor, mask: AttentionMask, rotary: Rotary | None,
+                 cache: KVCache | None) -> torch.Tensor:
+        """x [n, B, T, D] (head i's input) -> [n, B, T, D]."""
+        self._weights()
+        n, b, t, d = x.shape
+        flat = x.reshape(n, b * t, d)
+        h = self._norm(flat, "attn_norm")
+        q = self._linear(h, "attn.q_proj").view(n * b, t, self.n_heads, self.hd).transpose(1, 2)
+        k = self._linear(h, "attn.k_proj").view(n * b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = self._linear(h, "attn.v_proj").view(n * b, t, self.n_kv, self.hd).transpose(1, 2)
+        if rotary is not None:
+            q, k = rotary(torch.cat([q, k], dim=1), mask.start).split([self.n_heads, self.n_kv], dim=1)
+        if cache is not None:
+            kn, vn = cache.update_layers(self.first_layer, k.view(n, b, self.n_kv, t, self.hd),
+                                         v.view(n, b, self.n_kv, t, self.hd))
+            k, v = kn.reshape(n * b, self.n_kv, -1, self.hd), vn.reshape(n * b, self.n_kv, -1, self.hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        y = y.transpose(1, 2).reshape(n, b * t, self.n_heads * self.hd)
+        flat = flat + self._linear(y, "attn.o_proj")
+        h = self._norm(flat, "mlp_norm")
+        if self.mlp_kind == "swiglu":
+            h = F.silu(self._linear(h, "mlp.gate_proj")) * self._linear(h, "mlp.up_proj")
+        elif self.mlp_kind == "relu2":
+            h = F.relu(self._linear(h, "mlp.up_proj")).square()
+        else:
+            h = F.gelu(self._linear(h, "mlp.up_proj"), approximate="tanh")
+        return (flat + self._linear(h, "mlp.down_proj")).view(n, b, t, d)
