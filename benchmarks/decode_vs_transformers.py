@@ -96,12 +96,12 @@ def main() -> None:
         prompt = torch.randint(0, 50257, (1, 16))
         n = args.new_tokens
 
-        def run_hf():
+        def run_hf(hf=hf, prompt=prompt, n=n):
             with torch.no_grad():
                 return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                    use_cache=True, pad_token_id=0)[0, 16:].tolist()
 
-        def run_ours():
+        def run_ours(ours=ours, prompt=prompt, n=n):
             return generate_ids(ours, prompt[0].tolist(), n)
 
         same = run_hf() == run_ours()

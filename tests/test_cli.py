@@ -3,8 +3,6 @@
 import subprocess
 import sys
 
-import pytest
-
 from mtplab.cli import main
 from tests.conftest import TINY
 

@@ -20,8 +20,8 @@ from .sampling import SamplingParams, sample
 @dataclass
 class Event:
     tokens: list[int]  # new tokens, in order
-    accepted: list[bool] = field(default_factory=list)  # per token: was it a draft the model accepted
-    drafted: int = 0  # draft tokens proposed in this forward
+    accepted: list[bool] = field(default_factory=list)  # per token: an accepted draft, else computed
+    drafts: list[int] = field(default_factory=list)  # the draft tokens this forward verified
     finished: bool = False  # eos reached (eos itself is not in tokens) or the token limit
 
     def __post_init__(self) -> None:

@@ -226,7 +226,7 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
             cut = new.index(eos_id)
             stats.tokens += cut
             stats.seconds += time.perf_counter() - t0
-            yield Event(new[:cut], flags[:cut], drafted=len(drafts), finished=True)
+            yield Event(new[:cut], flags[:cut], drafts, finished=True)
             return
         new, flags = new[:max_new_tokens - produced], flags[:max_new_tokens - produced]
         produced += len(new)
@@ -234,5 +234,5 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
         tokens = tokens + new
         token = new[-1]
         drafter.commit(1 + n_acc, tokens)
-        yield Event(new, flags, drafted=len(drafts), finished=produced >= max_new_tokens)
+        yield Event(new, flags, drafts, finished=produced >= max_new_tokens)
     stats.seconds += time.perf_counter() - t0

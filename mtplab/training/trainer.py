@@ -173,7 +173,8 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, progress: b
     bar = tqdm(total=t_cfg.steps, initial=start, disable=not progress, unit="step",
                desc=f"train {model.num_parameters() / 1e6:.2f}M", dynamic_ncols=True)
     model.train()
-    t0, tokens, window_t0, window_tokens = time.perf_counter(), 0, time.perf_counter(), 0
+    t0 = window_t0 = time.perf_counter()
+    window_tokens = 0
     for step in range(start, t_cfg.steps):
         lr = t_cfg.lr * lr_multiplier(step, t_cfg.steps, t_cfg.warmup_steps, t_cfg.schedule,
                                       t_cfg.min_lr_ratio, t_cfg.decay_fraction)
@@ -196,7 +197,6 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, progress: b
         if done % t_cfg.log_every == 0 or done == t_cfg.steps:
             now = time.perf_counter()
             tok_s = window_tokens / max(now - window_t0, 1e-9)
-            tokens += window_tokens
             window_t0, window_tokens = now, 0
             loss = _weighted(head_losses, weights)
             _append(out_dir / METRICS, {"step": done, "loss": loss, "head_losses": head_losses,

@@ -71,6 +71,7 @@ def test_right_heads_accept_every_draft(oracle):
     events = list(generate_speculative(model, prompt, 25))
     assert [len(e.tokens) for e in events] == [1, 4, 4, 4, 4, 4, 4]
     assert events[1].accepted == [True, True, True, False]
+    assert events[1].drafts == events[1].tokens[:3]  # what was drafted is what was accepted
 
 
 def test_wrong_heads_still_return_the_plain_output(oracle):
