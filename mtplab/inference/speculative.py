@@ -62,7 +62,9 @@ def verify(p: torch.Tensor, q: torch.Tensor, draft: int, chance: Randomness) -> 
 class SpeculativeStats:
     forwards: int = 0  # trunk forward passes, the prompt's included
     tokens: int = 0
-    proposed: list[int] = field(default_factory=list)  # per draft position: forwards that offered it
+    # per draft position i: forwards whose verification reached draft i (drafts < i all accepted),
+    # and those that accepted it; their ratio is the acceptance rate given the earlier drafts passed
+    proposed: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -140,8 +142,8 @@ class SequentialDrafter:
             h_in = self.history[0][:, first:n]
         else:  # depth k-1 at [first, n): kept earlier, then what it computed in this step
             h_in = _cat(self.history[k - 1][:, first:self.prev_first], self.out)
-        extended = self.tokens + drafts  # token t+k for t in [first, n)
-        next_ids = torch.tensor([extended[first + k:n + k]], device=self.model.device)
+        following = (self.tokens[first + k:] + drafts)[:n - first]  # token t+k for t in [first, n)
+        next_ids = torch.tensor([following], device=self.model.device)
         out = self.model.heads.run_module(k, h_in, next_ids, self.model.embed, self.model.rotary, cache)
         keep = max(0, n - k + 1) - first  # positions whose token t+k is accepted, not drafted
         self.history[k] = _append(self.history[k], out[:, :keep])
@@ -231,7 +233,7 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
         new, flags = new[:max_new_tokens - produced], flags[:max_new_tokens - produced]
         produced += len(new)
         stats.tokens += len(new)
-        tokens = tokens + new
+        tokens.extend(new)
         token = new[-1]
         drafter.commit(1 + n_acc, tokens)
         yield Event(new, flags, drafts, finished=produced >= max_new_tokens)
