@@ -39,7 +39,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     # Multi-token prediction: head k predicts token t+1+k from position t; head 0 is next-token.
-    mtp: str = "parallel"  # parallel (Gloeckle et al.) | sequential (DeepSeek-V3)
+    mtp: str = "parallel"  # parallel (Gloeckle et al.) | sequential (DeepSeek-V3) | medusa
     n_future: int = 1  # number of heads, next-token head included
     head_layers: int = 1  # blocks in each parallel head (sequential modules have one)
     loss_weights: list[float] = field(default_factory=list)  # one per head; empty: see mtp_lambda
@@ -47,7 +47,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         choices = {"pos": ("rope", "learned"), "norm": ("rmsnorm", "layernorm"),
-                   "mlp": ("gelu", "swiglu", "relu2"), "mtp": ("parallel", "sequential")}
+                   "mlp": ("gelu", "swiglu", "relu2"),
+                   "mtp": ("parallel", "sequential", "medusa")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise MtplabError(f"model.{name} must be one of {', '.join(allowed)}, "
@@ -146,6 +147,7 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 10
     seed: int = 1337
+    freeze_trunk: bool = False  # train only the heads (Medusa-1 style)
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (bf16 autocast on a GPU that has it) | fp32 | bf16
 

@@ -13,7 +13,8 @@ Greedy decoding is the one-hot limit: accept iff x = argmax p. Output is therefo
 plain greedy decoding, or exactly head 0's distribution when sampling. The KV cache rolls back to
 the accepted length after each step.
 
-Drafts: parallel heads read the trunk at the last accepted position (all computed in the same pass);
+Drafts: parallel and Medusa heads read the trunk at the last accepted position (all computed in the
+same pass);
 sequential (DeepSeek) depths run one after another, depth k reading depth k-1 and the embedding of
 the token drafted by depth k-1, each with its own KV cache.
 """
@@ -104,6 +105,8 @@ class ParallelDrafter:
         self.pos = n_keep - 1
 
     def draft_logits(self, k: int, drafts: list[int]) -> torch.Tensor:
+        if not self.model.heads.shared_unembedding:  # Medusa: a projection per head
+            return self.model.head_logits(k, self.hidden[k][0, self.pos])
         if k == 1:  # every head's draft in one unembedding call
             rows = torch.stack([h[0, self.pos] for h in self.hidden[1:]])  # [n_draft, D]
             self.drafts = self.model.logits(rows)

@@ -7,6 +7,8 @@ hidden state [B, T_k, D] that feeds them.
 - sequential (DeepSeek-V3 §2.2, seed 002): head 0 is the trunk itself; module k >= 1 mixes the
   previous depth's hidden state with the embedding of token t+k and runs one block, so depth k can
   only be computed where token t+k is known (T - k positions).
+- medusa (Cai et al. 2024): head 0 is the trunk itself; head k >= 1 is a residual SiLU block on the
+  final normed hidden state and a vocabulary projection of its own (not the shared unembedding).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .kv_cache import KVCache
@@ -24,6 +27,7 @@ from .stacked import StackedBlocks
 
 class ParallelHeads(nn.Module):
     chained = False  # every head reads the trunk output
+    shared_unembedding = True
 
     def __init__(self, config: ModelConfig, first_layer: int):
         super().__init__()
@@ -73,6 +77,7 @@ class SequentialModule(nn.Module):
 
 class SequentialHeads(nn.Module):
     chained = True  # depth k reads depth k-1
+    shared_unembedding = True
 
     def __init__(self, config: ModelConfig, first_layer: int):
         super().__init__()
@@ -100,3 +105,32 @@ class SequentialHeads(nn.Module):
         if cache is not None:
             cache.advance(x.size(1))
         return out
+
+
+class MedusaHeads(nn.Module):
+    chained = False
+    shared_unembedding = False  # each head projects to the vocabulary itself
+
+    def __init__(self, config: ModelConfig, first_layer: int):
+        super().__init__()
+        d, extra = config.d_model, config.n_future - 1
+        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(extra))
+        self.lm_heads = nn.ModuleList(nn.Linear(d, config.vocab_size, bias=False) for _ in range(extra))
+        self.n_layers = 0
+
+    def reset_parameters(self, unembedding: torch.Tensor) -> None:
+        """Medusa's start: the residual branch is zero and every head copies the unembedding, so
+        each head begins with exactly head 0's distribution."""
+        with torch.no_grad():
+            for block, lm_head in zip(self.blocks, self.lm_heads):
+                block.weight.zero_()
+                block.bias.zero_()
+                lm_head.weight.copy_(unembedding)
+
+    def hidden(self, k: int, h_in: torch.Tensor, ids: torch.Tensor, embed: Callable,
+               rotary: Rotary | None, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+        return h_in  # the heads work on the normed trunk output, in `logits`
+
+    def logits(self, k: int, normed: torch.Tensor) -> torch.Tensor:
+        x = normed + F.silu(self.blocks[k - 1](normed))
+        return self.lm_heads[k - 1](x)

@@ -8,11 +8,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .heads import ParallelHeads, SequentialHeads
+from .heads import MedusaHeads, ParallelHeads, SequentialHeads
 from .kv_cache import KVCache
 from .layers import AttentionMask, Block, Rotary, init_weights, make_norm
 
-HEAD_FAMILIES = {"parallel": ParallelHeads, "sequential": SequentialHeads}
+HEAD_FAMILIES = {"parallel": ParallelHeads, "sequential": SequentialHeads, "medusa": MedusaHeads}
 
 
 class Transformer(nn.Module):
@@ -31,6 +31,8 @@ class Transformer(nn.Module):
         self.norm_f = make_norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
         init_weights(self, config.init_std, config.n_layers + config.head_layers)
+        if hasattr(self.heads, "reset_parameters"):
+            self.heads.reset_parameters(self.unembedding)
 
     @property
     def n_future(self) -> int:
@@ -63,9 +65,18 @@ class Transformer(nn.Module):
         """Head k's hidden state. h_in: the trunk output (parallel) or depth k-1 (sequential)."""
         return self.heads.hidden(k, h_in, ids, self.embed, self.rotary, mask, cache)
 
+    @property
+    def unembedding(self) -> torch.Tensor:
+        return self.lm_head.weight if self.lm_head is not None else self.wte.weight
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.norm_f(h)
-        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.wte.weight)
+        """The shared final norm and unembedding (head 0's, and every head's that shares it)."""
+        return F.linear(self.norm_f(h), self.unembedding)
+
+    def head_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        if k == 0 or self.heads.shared_unembedding:
+            return self.logits(h)
+        return self.heads.logits(k, self.norm_f(h))
 
     # -- whole forward -------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
@@ -82,7 +93,7 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         mask = AttentionMask(start, ids.size(1), ids.device)
         h = self.trunk(ids, mask, cache)
-        if not self.heads.chained and n_heads > 1 and not torch.is_grad_enabled():
+        if hasattr(self.heads, "hidden_all") and n_heads > 1 and not torch.is_grad_enabled():
             out = self.heads.hidden_all(n_heads, h, self.rotary, mask, cache)
         else:
             out, prev = [], h
@@ -96,5 +107,5 @@ class Transformer(nn.Module):
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, n_heads: int | None = None,
                 last_only: bool = False) -> list[torch.Tensor]:
         """Logits [B, T_k, V] of the first `n_heads` heads (see `hidden_states`)."""
-        return [self.logits(h[:, -1:] if last_only else h)
-                for h in self.hidden_states(ids, cache, n_heads)]
+        return [self.head_logits(k, h[:, -1:] if last_only else h)
+                for k, h in enumerate(self.hidden_states(ids, cache, n_heads))]

@@ -64,7 +64,7 @@ def backward_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, 
     losses = [0.0] * model.n_future
     for k in reversed(range(model.n_future)):  # deepest first: its gradient feeds depth k-1
         with autocast():
-            logits = model.logits(detached[k])
+            logits = model.head_logits(k, detached[k])
         total, count = head_loss(logits, labels, k)
         mean = total / max(count, 1)
         losses[k] = mean.item()
@@ -72,6 +72,6 @@ def backward_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, 
         del logits, total, mean
         if outputs[k] is not detached[k] and detached[k].grad is not None:
             outputs[k].backward(detached[k].grad)  # into the head's weights and its input
-    if trunk_out.grad is not None:
+    if trunk_out.grad is not None and h.requires_grad:  # a frozen trunk needs no backward
         h.backward(trunk_out.grad)
     return losses

@@ -136,6 +136,9 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, progress: b
     dataset = build_dataset(config, out_dir, tokenizer)
     resolve_vocab(config, dataset.tokenizer.vocab_size)
     model = Transformer(config.model).to(device)
+    if t_cfg.freeze_trunk:  # Medusa-1: the base model stays as it is, only the heads learn
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("heads."))
     optimizer = make_optimizer(model, config)
     start = 0
     if trainer_state is not None:

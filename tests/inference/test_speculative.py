@@ -13,7 +13,7 @@ from mtplab.inference.speculative import Randomness, SpeculativeStats, generate_
 from mtplab.models.transformer import Transformer
 from mtplab.training.losses import backward_heads
 
-FAMILIES = ["parallel", "sequential"]
+FAMILIES = ["parallel", "sequential", "medusa"]
 
 
 def spec_ids(model, prompt, n, params=SamplingParams(), **kw):
@@ -83,9 +83,13 @@ def test_wrong_heads_still_return_the_plain_output(oracle):
             heads = broken.heads.heads
             heads[1].load_state_dict(model.heads.heads[3].state_dict())
             heads[3].load_state_dict(model.heads.heads[1].state_dict())
-        else:  # the depth modules see noise instead of the trunk state and the embedding
+        elif model.config.mtp == "sequential":  # the depths see noise, not the trunk and embedding
             for module in broken.heads.modules_:
                 module.eh_proj.weight.normal_(0, 5.0)
+        else:  # Medusa: heads 1 and 3 swap their vocabulary projections
+            lm = broken.heads.lm_heads
+            lm[0].weight.copy_(model.heads.lm_heads[2].weight)
+            lm[2].weight.copy_(model.heads.lm_heads[0].weight)
     prompt = [5, int(perm[5])]
     stats = SpeculativeStats()
     assert spec_ids(broken, prompt, 20, stats=stats) == generate_ids(broken, prompt, 20)

@@ -19,7 +19,7 @@ def chains(perm: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor
     return x
 
 
-@pytest.mark.parametrize("family", ["parallel", "sequential"])
+@pytest.mark.parametrize("family", ["parallel", "sequential", "medusa"])
 def test_head_k_predicts_token_t_plus_1_plus_k(family):
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(V, generator=gen)
@@ -46,3 +46,17 @@ def test_head_k_predicts_token_t_plus_1_plus_k(family):
         hits = {j: (pred == powers[j + 1][:, :n]).float().mean().item() for j in range(HEADS + 1)}
         assert hits[k] > 0.95, (family, k, hits)
         assert all(hits[j] < 0.2 for j in hits if j != k), (family, k, hits)
+
+
+def test_zero_initialised_medusa_heads_start_as_head_0():
+    model = Transformer(ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=T,
+                                    mtp="medusa", n_future=4)).eval()
+    with torch.no_grad():
+        outs = model(torch.randint(0, V, (2, 10)))
+    for logits in outs[1:]:
+        assert torch.allclose(logits, outs[0], atol=1e-6)
+    untied = Transformer(ModelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=4, max_seq_len=T,
+                                     mtp="medusa", n_future=2, tie_embeddings=False)).eval()
+    with torch.no_grad():
+        a, b = untied(torch.randint(0, V, (1, 5)))
+    assert torch.allclose(a, b, atol=1e-6)

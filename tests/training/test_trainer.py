@@ -76,3 +76,17 @@ def test_mismatched_weights_and_trainer_state_are_detected(tmp_path):
     torch.save(state, out / "trainer_state.pt")
     with pytest.raises(MtplabError, match="interrupted save"):
         trainer.train(load_config(TINY, SMALL), out, resume=True, progress=False)
+
+
+def test_medusa_1_trains_the_heads_and_leaves_the_trunk(tmp_path):
+    config = load_config(TINY, SMALL + ["model.mtp=medusa", "model.n_future=3", "train.freeze_trunk=true"])
+    torch.manual_seed(config.train.seed)
+    result = trainer.train(config, tmp_path / "medusa", progress=False)
+    torch.manual_seed(config.train.seed)
+    untouched = trainer.Transformer(result.model.config)  # the same seeded initialisation
+    after = result.model.state_dict()
+    for name, value in untouched.state_dict().items():
+        if name.startswith("heads."):
+            continue
+        assert torch.equal(value, after[name]), name
+    assert not torch.equal(untouched.heads.blocks[0].weight, after["heads.blocks.0.weight"])
