@@ -148,6 +148,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 1337
     freeze_trunk: bool = False  # train only the heads (Medusa-1 style)
+    init_from: str = ""  # start from this checkpoint's tokenizer and weights; new heads start fresh
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (bf16 autocast on a GPU that has it) | fp32 | bf16
 

@@ -115,3 +115,24 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: P
     if problems:
         raise MtplabError(f"{source} does not fit the model: {'; '.join(problems)}")
     model.load_state_dict(state, strict=True)
+
+
+def load_base(model: Transformer, directory: str | Path) -> list[str]:
+    """Load a checkpoint into a model that may have other heads: every tensor outside `heads.` must
+    match; the model's heads that the checkpoint lacks keep their fresh initialisation (Medusa heads
+    re-copy the loaded unembedding). Returns the names of the heads' tensors left fresh."""
+    state, _ = load_weights(directory)
+    expected = model.state_dict()
+    lost = sorted(k for k in state if k not in expected)
+    wrong = sorted(k for k in state if k in expected and state[k].shape != expected[k].shape)
+    missing = sorted(k for k in expected if k not in state and not k.startswith("heads."))
+    if lost or wrong or missing:
+        raise MtplabError(f"{directory} cannot start this model: " + "; ".join(
+            f"{what} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for what, keys in (("weights it would drop:", lost), ("shape mismatch:", wrong),
+                               ("missing:", missing)) if keys))
+    model.load_state_dict(state, strict=False)
+    fresh = sorted(k for k in expected if k not in state)
+    if fresh and hasattr(model.heads, "reset_parameters"):
+        model.heads.reset_parameters(model.unembedding)
+    return fresh

@@ -21,8 +21,8 @@ from ..data.pipeline import Dataset, build_dataset
 from ..errors import MtplabError
 from ..evaluation.plots import plot_losses, read_metrics
 from ..interop.atomic import atomic_write_text
-from ..interop.checkpoint import (TRAINER_STATE, load_state, load_tokenizer, load_weights,
-                                  save_checkpoint)
+from ..interop.checkpoint import (TRAINER_STATE, load_base, load_state, load_tokenizer,
+                                  load_weights, save_checkpoint)
 from ..models.transformer import Transformer
 from .losses import backward_heads, evaluate_heads
 from .schedules import lr_multiplier
@@ -132,10 +132,14 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, progress: b
         if (out_dir / TRAINER_STATE).exists():
             raise MtplabError(f"{out_dir} already holds a training run: pass --resume, "
                               "or choose another --out")
+        if t_cfg.init_from:  # the base model's tokenizer, so that its weights mean the same ids
+            tokenizer = load_tokenizer(t_cfg.init_from)
 
     dataset = build_dataset(config, out_dir, tokenizer)
     resolve_vocab(config, dataset.tokenizer.vocab_size)
     model = Transformer(config.model).to(device)
+    if t_cfg.init_from and trainer_state is None:
+        load_base(model, t_cfg.init_from)
     if t_cfg.freeze_trunk:  # Medusa-1: the base model stays as it is, only the heads learn
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("heads."))

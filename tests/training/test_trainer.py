@@ -78,15 +78,22 @@ def test_mismatched_weights_and_trainer_state_are_detected(tmp_path):
         trainer.train(load_config(TINY, SMALL), out, resume=True, progress=False)
 
 
-def test_medusa_1_trains_the_heads_and_leaves_the_trunk(tmp_path):
-    config = load_config(TINY, SMALL + ["model.mtp=medusa", "model.n_future=3", "train.freeze_trunk=true"])
-    torch.manual_seed(config.train.seed)
+def test_medusa_1_on_a_trained_base_keeps_the_base_and_trains_the_heads(tmp_path):
+    base = trainer.train(load_config(TINY, SMALL + ["model.n_future=1", "model.head_layers=0"]),
+                         tmp_path / "base", progress=False)
+    config = load_config(TINY, SMALL + ["model.mtp=medusa", "model.n_future=3", "train.freeze_trunk=true",
+                                        f"train.init_from={tmp_path / 'base'}"])
     result = trainer.train(config, tmp_path / "medusa", progress=False)
-    torch.manual_seed(config.train.seed)
-    untouched = trainer.Transformer(result.model.config)  # the same seeded initialisation
-    after = result.model.state_dict()
-    for name, value in untouched.state_dict().items():
-        if name.startswith("heads."):
-            continue
-        assert torch.equal(value, after[name]), name
-    assert not torch.equal(untouched.heads.blocks[0].weight, after["heads.blocks.0.weight"])
+    before, after = base.model.state_dict(), result.model.state_dict()
+    for name, value in before.items():
+        assert torch.equal(value, after[name]), name  # the base model is untouched
+    assert result.eval_head_losses[0] == pytest.approx(base.eval_head_losses[0])
+    assert after["heads.blocks.0.weight"].abs().sum() > 0  # the heads left their zero start
+    assert (tmp_path / "medusa" / "tokenizer.json").read_bytes() == (tmp_path / "base" / "tokenizer.json").read_bytes()
+
+
+def test_init_from_refuses_to_drop_weights(tmp_path, tiny_run):
+    out, _ = tiny_run  # parallel heads: their blocks have no place in a Medusa model
+    config = load_config(TINY, SMALL + ["model.mtp=medusa", f"train.init_from={out}"])
+    with pytest.raises(MtplabError, match="weights it would drop: heads.heads.0.0"):
+        trainer.train(config, tmp_path / "m", progress=False)
