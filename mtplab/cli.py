@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-draft", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("info", help="architecture summary: parameters by part, FLOPs per token")
+    p.add_argument("source", help="a recipe (.toml) or a checkpoint directory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("demo", help="train and evaluate on built-in arithmetic problems (minutes, CPU)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -132,13 +137,32 @@ def cmd_bench(args) -> None:
         print(format_bench(result))
 
 
+def cmd_info(args) -> None:
+    import json
+    from pathlib import Path
+
+    from .config import load_config, model_config_from_dict
+    from .interop.checkpoint import read_config
+    from .models.summary import format_summary, summarize
+
+    if Path(args.source).is_dir():
+        config = model_config_from_dict(read_config(args.source)["model"])
+    else:
+        config = load_config(args.source, args.overrides).model
+        if config.vocab_size == 0:  # sized from the tokenizer at training time
+            config.vocab_size = 64 * -(-load_config(args.source, args.overrides).tokenizer.vocab_size // 64)
+    summary = summarize(config)
+    print(json.dumps(summary) if args.json else format_summary(summary, config))
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
     run_demo(args.out, args.overrides, progress=not args.quiet)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "bench": cmd_bench, "info": cmd_info,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

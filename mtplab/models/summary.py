@@ -1,0 +1,67 @@
+"""What a model is before it exists: parameters by part and FLOPs per token, built on the meta
+device so that even the largest recipe costs no memory."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from .transformer import Transformer
+
+
+def build_on_meta(config: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+def summarize(config: ModelConfig, context: int | None = None) -> dict:
+    """Parameter counts (embeddings: token/position tables and an untied unembedding; trunk: the
+    blocks and final norm; heads: everything of heads 0..n-1 beyond the trunk) and forward FLOPs
+    per token with `context` tokens of attention (default: the full window)."""
+    model = build_on_meta(config)
+    groups = {"embeddings": 0, "trunk": 0, "heads": 0}
+    per_head_module = {}
+    for name, p in model.named_parameters():
+        if name.startswith(("wte.", "wpe.", "lm_head.")):
+            groups["embeddings"] += p.numel()
+        elif name.startswith("heads."):
+            groups["heads"] += p.numel()
+            key = ".".join(name.split(".")[:3])  # heads.<family list>.<k>
+            per_head_module[key] = per_head_module.get(key, 0) + p.numel()
+        else:
+            groups["trunk"] += p.numel()
+    context = context or config.max_seq_len
+    d, n = config.d_model, config.n_future
+    attention = 2 * 2 * context * d  # q·k and attn·v per layer, for one query position
+    trunk_matmul = sum(p.numel() for nm, p in model.named_parameters()
+                       if nm.startswith("blocks.") and p.dim() == 2)
+    head_matmul = sum(p.numel() for nm, p in model.named_parameters()
+                      if nm.startswith("heads.") and p.dim() == 2)
+    head_blocks = config.n_future * config.head_layers if config.mtp == "parallel" else \
+        (config.n_future - 1 if config.mtp == "sequential" else 0)
+    flops_main = 2 * trunk_matmul + config.n_layers * attention + 2 * d * config.vocab_size
+    flops_all = (2 * (trunk_matmul + head_matmul) + (config.n_layers + head_blocks) * attention
+                 + 2 * d * config.vocab_size * n)
+    if config.mtp == "parallel":  # head 0's own blocks are on the next-token path too
+        flops_main += 2 * head_matmul // n + config.head_layers * attention
+    return {"parameters": sum(groups.values()), "breakdown": groups,
+            "per_head_module": per_head_module, "heads": n, "family": config.mtp,
+            "context": context, "flops_per_token_next_token": flops_main,
+            "flops_per_token_all_heads": flops_all}
+
+
+def format_summary(summary: dict, config: ModelConfig) -> str:
+    c = config
+    b = summary["breakdown"]
+    lines = [
+        f"decoder: d_model {c.d_model}, {c.n_layers} trunk blocks, {c.n_heads} attention heads "
+        f"({c.kv_heads} key/value), {c.mlp} MLP {c.ff_dim}, {c.norm}, {c.pos} positions, "
+        f"vocab {c.vocab_size}, {'tied' if c.tie_embeddings else 'untied'} unembedding",
+        f"heads: {summary['heads']} {summary['family']} (head k predicts token t+1+k)",
+        f"parameters: {summary['parameters']:,}",
+        f"  embeddings {b['embeddings']:,}   trunk {b['trunk']:,}   heads {b['heads']:,}",
+        f"forward FLOPs per token at context {summary['context']}: "
+        f"{summary['flops_per_token_next_token'] / 1e6:,.1f}M next-token path, "
+        f"{summary['flops_per_token_all_heads'] / 1e6:,.1f}M all heads (training ~3x)",
+    ]
+    return "\n".join(lines)

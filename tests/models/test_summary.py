@@ -1,0 +1,51 @@
+"""Recipes build with their seeds' published shapes; counted on the meta device (no memory)."""
+
+import json
+
+import pytest
+
+import mtplab
+from mtplab.cli import main
+from mtplab.config import load_config
+from mtplab.models.summary import build_on_meta, summarize
+from tests.conftest import ROOT
+
+RECIPES = ROOT / "recipes"
+
+
+def test_aomts_100m_matches_the_card():
+    summary = summarize(load_config(RECIPES / "aomts-100m.toml").model)
+    assert summary["parameters"] == 126_401_024
+    assert summary["per_head_module"] == {"heads.modules_.0": 8_947_712}
+    # card: 8,192,000 embeddings + 109,261,312 "blocks" (an untied 16,000 x 512 output matrix among them)
+    b = summary["breakdown"]
+    assert b["embeddings"] == 2 * 8_192_000 and b["trunk"] == 109_261_312 - 8_192_000
+
+
+def test_mtp_gpt2_is_gpt2_124m_plus_one_block():
+    config = load_config(RECIPES / "mtp-gpt2.toml").model
+    gpt2_block = 12 * 768 * 768 + 9 * 768 + 4 * 768  # attention + MLP weights and biases, two LayerNorms
+    assert summarize(config)["parameters"] == 124_439_808 + gpt2_block == 131_527_680
+
+
+def test_meta_build_allocates_nothing():
+    model = build_on_meta(load_config(RECIPES / "aomts-100m.toml").model)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+@pytest.mark.parametrize("recipe", ["aomts-100m-tiny.toml", "mtp-gpt2-tiny.toml"])
+def test_tiny_variants_train_and_their_loss_falls(tmp_path, recipe):
+    result = mtplab.train(RECIPES / recipe, tmp_path / "run", progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "head_losses" in r)["head_losses"][0]
+    assert result.head_losses[0] < 0.85 * first
+
+
+def test_info_on_a_checkpoint_counts_the_real_model(capsys, tiny_run):
+    out, result = tiny_run
+    assert main(["info", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["parameters"] == result.model.num_parameters()
+    assert sum(summary["breakdown"].values()) == summary["parameters"]
+    assert main(["info", str(RECIPES / "demo.toml")]) == 0
+    assert "parameters:" in capsys.readouterr().out
