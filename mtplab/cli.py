@@ -148,9 +148,10 @@ def cmd_info(args) -> None:
     if Path(args.source).is_dir():
         config = model_config_from_dict(read_config(args.source)["model"])
     else:
-        config = load_config(args.source, args.overrides).model
+        recipe = load_config(args.source, args.overrides)
+        config = recipe.model
         if config.vocab_size == 0:  # sized from the tokenizer at training time
-            config.vocab_size = 64 * -(-load_config(args.source, args.overrides).tokenizer.vocab_size // 64)
+            config.vocab_size = 64 * -(-recipe.tokenizer.vocab_size // 64)
     summary = summarize(config)
     print(json.dumps(summary) if args.json else format_summary(summary, config))
 

@@ -47,10 +47,10 @@ def evaluate_heads(model: Transformer, batches) -> list[float]:
 def backward_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, weights: list[float],
                    scale: float = 1.0, autocast=contextlib.nullcontext) -> list[float]:
     """Accumulate gradients of sum_k weights[k] * mean CE_k (times `scale`); return each CE_k."""
-    with autocast():
-        h = model.trunk(ids, AttentionMask(0, ids.size(1), ids.device))  # [B, T, D]
-    trunk_out = h.detach().requires_grad_()
     mask = AttentionMask(0, ids.size(1), ids.device)
+    with autocast():
+        h = model.trunk(ids, mask)  # [B, T, D]
+    trunk_out = h.detach().requires_grad_()
     # Head hidden states stay alive (each [B, T, D]); their logits ([B, T, V]) never do together.
     outputs, detached = [], []
     prev = trunk_out
