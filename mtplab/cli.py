@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-draft", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("eval", help="score a checkpoint: GSM8K exact match, loss per head, perplexity")
+    p.add_argument("checkpoint")
+    p.add_argument("--task", required=True, choices=["gsm8k", "loss", "ppl"])
+    p.add_argument("--data", required=True, help="jsonl (question/answer) or, for loss/ppl, a text file")
+    p.add_argument("--limit", type=int, default=None, help="first N examples only")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--out", default=None, help="gsm8k: per-example jsonl (default CHECKPOINT/eval_gsm8k.jsonl)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     p = sub.add_parser("info", help="architecture summary: parameters by part, FLOPs per token")
     p.add_argument("source", help="a recipe (.toml) or a checkpoint directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -137,6 +146,60 @@ def cmd_bench(args) -> None:
         print(format_bench(result))
 
 
+def cmd_eval(args) -> None:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from .data.batches import ChatBatches, PackedBatches
+    from .data.packed import read_text_files
+    from .data.pipeline import chat_pairs
+    from .data.qa import load_qa_jsonl
+    from .evaluation.exact_match import evaluate_answers
+    from .evaluation.perplexity import perplexity
+    from .interop.atomic import atomic_write_text
+    from .interop.checkpoint import load_model
+    from .training.losses import evaluate_heads
+
+    model, tokenizer = load_model(args.checkpoint)
+    if args.limit is not None and args.limit < 1:
+        raise MtplabError(f"--limit must be >= 1, got {args.limit}")
+    is_jsonl = args.data.endswith(".jsonl")
+    if args.task == "gsm8k" or (args.task == "loss" and is_jsonl):
+        examples = load_qa_jsonl(args.data, args.limit)
+    else:
+        text = read_text_files([args.data])[0]
+        if not text.strip():
+            raise MtplabError(f"{args.data}: no text")
+    if args.task == "gsm8k":
+        report = evaluate_answers(model, tokenizer, examples, args.max_new_tokens, progress=True)
+        out = Path(args.out) if args.out else Path(args.checkpoint) / "eval_gsm8k.jsonl"
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in report.pop("rows")))
+        result = {"task": "gsm8k", "accuracy": report["accuracy"], "n": report["n"], "per_example": str(out)}
+        summary = f"GSM8K exact match: {report['accuracy']:.2%} of {report['n']} ({out})"
+    elif args.task == "loss":
+        seq = model.config.max_seq_len
+        try:
+            if is_jsonl:
+                batches = ChatBatches(chat_pairs(examples, tokenizer), seq, 8, tokenizer.pad_id)
+            else:
+                ids = tokenizer.encode(text)[: None if args.limit is None else args.limit * seq + 1]
+                batches = PackedBatches(np.asarray(ids, dtype=np.int64), max(1, min(seq, len(ids) - 1)), 8)
+        except ValueError as exc:  # nothing fits the model's context window
+            raise MtplabError(f"{args.data}: {exc}") from None
+        losses = evaluate_heads(model, batches.eval_batches(10**9))
+        result = {"task": "loss", "head_losses": losses}
+        summary = "mean cross-entropy per head (nats/token): " + ", ".join(
+            f"head {k} {l:.4f}" for k, l in enumerate(losses))
+    else:
+        ids = tokenizer.encode(text)
+        result = {"task": "ppl", **perplexity(model, ids, len(text.encode("utf-8")))}
+        summary = (f"{result['tokens']:,} tokens: {result['nats_per_token']:.4f} nats/token, "
+                   f"perplexity {result['perplexity']:.2f}, {result['bits_per_byte']:.4f} bits/byte")
+    print(json.dumps(result) if args.json else summary)
+
+
 def cmd_info(args) -> None:
     import json
     from pathlib import Path
@@ -162,7 +225,8 @@ def cmd_demo(args) -> None:
     run_demo(args.out, args.overrides, progress=not args.quiet)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "bench": cmd_bench, "info": cmd_info,
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "bench": cmd_bench, "eval": cmd_eval,
+            "info": cmd_info,
             "demo": cmd_demo}
 
 

@@ -122,3 +122,54 @@ def test_bench_and_draft_errors(capsys, tiny_run, tmp_path):
     assert_one_line_error(code, err, "n_draft must be between 0 and 1")
     code, _, err = run_cli(capsys, "bench", str(out), "--prompts", str(tmp_path / "none.txt"))
     assert_one_line_error(code, err, "prompts file not found")
+
+
+def write_qa(path, n):
+    import json
+
+    from mtplab.data.synthetic import make_problems
+
+    path.write_text("".join(json.dumps({"question": p["question"], "answer": p["answer"]}) + "\n"
+                            for p in make_problems(n, seed=11)))
+    return path
+
+
+def test_eval_gsm8k_loss_and_ppl(capsys, tiny_run, tmp_path):
+    import json
+
+    out, result = tiny_run
+    data = write_qa(tmp_path / "qa.jsonl", 6)
+    code, text, _ = run_cli(capsys, "eval", str(out), "--task", "gsm8k", "--data", str(data), "--limit", "4",
+                            "--max-new-tokens", "48", "--out", str(tmp_path / "rows.jsonl"), "--json")
+    assert code == 0
+    report = json.loads(text)
+    rows = [json.loads(l) for l in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert report["n"] == len(rows) == 4
+    assert report["accuracy"] == sum(r["correct"] for r in rows) / 4
+    code, text, _ = run_cli(capsys, "eval", str(out), "--task", "loss", "--data", str(data), "--json")
+    losses = json.loads(text)["head_losses"]
+    assert code == 0 and len(losses) == 2 and losses[0] < 4.0  # far below ln(vocab) ~ 5.9
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Ava has 3 apples. Then Ava buys 2 more apples.\n" * 20)
+    code, text, _ = run_cli(capsys, "eval", str(out), "--task", "ppl", "--data", str(corpus), "--json")
+    ppl = json.loads(text)
+    assert code == 0 and ppl["perplexity"] > 1 and ppl["bits_per_byte"] > 0
+
+
+def test_eval_bad_data(capsys, tiny_run, tmp_path):
+    out, _ = tiny_run
+    (tmp_path / "bad.jsonl").write_text('{"question": "q"}\n')
+    code, _, err = run_cli(capsys, "eval", str(out), "--task", "gsm8k", "--data", str(tmp_path / "bad.jsonl"))
+    assert_one_line_error(code, err, "bad.jsonl:1")
+    code, _, err = run_cli(capsys, "eval", str(out), "--task", "ppl", "--data", str(tmp_path / "none.txt"))
+    assert_one_line_error(code, err, "not found")
+
+
+def test_eval_on_gsm8k_test_split(capsys, tiny_run, tmp_path):
+    from tests.conftest import shared_path
+
+    data = shared_path("gsm8k", "test.jsonl")
+    out, _ = tiny_run
+    code, text, _ = run_cli(capsys, "eval", str(out), "--task", "gsm8k", "--data", str(data), "--limit", "2",
+                            "--max-new-tokens", "16", "--out", str(tmp_path / "g.jsonl"))
+    assert code == 0 and "of 2" in text

@@ -74,9 +74,9 @@ def build_dataset(config: Config, work_dir: Path, tokenizer: Tokenizer | None = 
         tokenizer = build_tokenizer(config, corpus)
     try:
         if data.format == "chat":
-            train_b = ChatBatches(_chat_pairs(train, tokenizer), data.seq_len, train_cfg.batch_size,
+            train_b = ChatBatches(chat_pairs(train, tokenizer), data.seq_len, train_cfg.batch_size,
                                   tokenizer.pad_id, seed=train_cfg.seed)
-            eval_b = ChatBatches(_chat_pairs(held_out, tokenizer), data.seq_len, train_cfg.batch_size,
+            eval_b = ChatBatches(chat_pairs(held_out, tokenizer), data.seq_len, train_cfg.batch_size,
                                  tokenizer.pad_id, seed=train_cfg.seed)
         else:
             packed = {}
@@ -92,7 +92,7 @@ def build_dataset(config: Config, work_dir: Path, tokenizer: Tokenizer | None = 
     return Dataset(tokenizer, train_b, eval_b, qa_held_out)
 
 
-def _chat_pairs(examples: list[dict], tokenizer: Tokenizer) -> list[tuple[list[int], list[int]]]:
+def chat_pairs(examples: list[dict], tokenizer: Tokenizer) -> list[tuple[list[int], list[int]]]:
     prompts = tokenizer.encode_batch([tokenizer.chat_prompt(ex["question"]) for ex in examples])
     answers = tokenizer.encode_batch([ex["answer"].strip() for ex in examples])
     return [(p, a + [tokenizer.eos_id]) for p, a in zip(prompts, answers)]
