@@ -189,9 +189,12 @@ def cmd_eval(args) -> None:
         except ValueError as exc:  # nothing fits the model's context window
             raise MtplabError(f"{args.data}: {exc}") from None
         losses = evaluate_heads(model, batches.eval_batches(10**9))
-        result = {"task": "loss", "head_losses": losses}
+        skipped = getattr(batches, "dropped", 0)
+        result = {"task": "loss", "head_losses": losses, "skipped_longer_than_context": skipped}
         summary = "mean cross-entropy per head (nats/token): " + ", ".join(
             f"head {k} {l:.4f}" for k, l in enumerate(losses))
+        if skipped:
+            summary += f" ({skipped} examples longer than the {seq}-token context skipped)"
     else:
         ids = tokenizer.encode(text)
         result = {"task": "ppl", **perplexity(model, ids, len(text.encode("utf-8")))}
