@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mark accepted draft tokens and print speculation stats")
     _add_sampling(p)
 
+    p = sub.add_parser("chat", help="talk to a checkpoint in the terminal (streams the answer)")
+    p.add_argument("checkpoint")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None)
+    _add_sampling(p)
+
     p = sub.add_parser("bench", help="decode the same prompts plain and speculative; compare speed")
     p.add_argument("checkpoint")
     p.add_argument("--prompts", help="text file, one prompt per line (.jsonl: questions, chat format)")
@@ -106,6 +112,17 @@ def cmd_generate(args) -> None:
         print(f"{stats.tokens} tokens in {stats.forwards} forwards: {stats.tokens_per_forward:.2f} "
               f"tokens/forward, {stats.tokens_per_second:.1f} tokens/s; acceptance by draft "
               f"position: {acc}", file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    from .chat import run_chat
+    from .inference.sampling import SamplingParams
+    from .interop.checkpoint import load_model
+
+    model, tokenizer = load_model(args.checkpoint, args.device)
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    run_chat(model, tokenizer, params=params, max_new_tokens=args.max_new_tokens,
+             speculative=args.speculative)
 
 
 def read_prompts(path: str | None, tokenizer, chat: bool) -> list[list[int]]:
@@ -228,9 +245,8 @@ def cmd_demo(args) -> None:
     run_demo(args.out, args.overrides, progress=not args.quiet)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "bench": cmd_bench, "eval": cmd_eval,
-            "info": cmd_info,
-            "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench,
+            "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
