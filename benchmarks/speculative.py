@@ -27,7 +27,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = mtplab.load(args.checkpoint)
-    prompts = [tokenizer.encode(tokenizer.chat_prompt(p["question"]))
+    prompts = [tokenizer.encode_chat(p["question"])
                for p in make_problems(args.prompts, seed=424_242, max_number=20)]
     print(f"{args.checkpoint}: {model.num_parameters() / 1e6:.2f}M parameters, {model.n_future} heads, "
           f"{torch.get_num_threads()} threads, batch 1, greedy\n")

@@ -133,17 +133,15 @@ def read_prompts(path: str | None, tokenizer, chat: bool) -> list[list[int]]:
     from .data.synthetic import make_problems
 
     if path is None:
-        texts = [tokenizer.chat_prompt(p["question"]) for p in make_problems(8, seed=987_654, max_number=20)]
-    elif path.endswith(".jsonl"):
-        texts = [tokenizer.chat_prompt(ex["question"]) for ex in load_qa_jsonl(path)]
-    else:
-        if not Path(path).is_file():
-            raise MtplabError(f"prompts file not found: {path}")
-        lines = [l for l in Path(path).read_text().splitlines() if l.strip()]
-        if not lines:
-            raise MtplabError(f"{path}: no prompts")
-        texts = [tokenizer.chat_prompt(l) if chat else l for l in lines]
-    return [tokenizer.encode(t) for t in texts]
+        return [tokenizer.encode_chat(p["question"]) for p in make_problems(8, seed=987_654, max_number=20)]
+    if path.endswith(".jsonl"):
+        return [tokenizer.encode_chat(ex["question"]) for ex in load_qa_jsonl(path)]
+    if not Path(path).is_file():
+        raise MtplabError(f"prompts file not found: {path}")
+    lines = [l for l in Path(path).read_text().splitlines() if l.strip()]
+    if not lines:
+        raise MtplabError(f"{path}: no prompts")
+    return [tokenizer.encode_chat(l) if chat else tokenizer.encode(l) for l in lines]
 
 
 def cmd_bench(args) -> None:
@@ -167,56 +165,13 @@ def cmd_eval(args) -> None:
     import json
     from pathlib import Path
 
-    import numpy as np
-
-    from .data.batches import ChatBatches, PackedBatches
-    from .data.packed import read_text_files
-    from .data.pipeline import chat_pairs
-    from .data.qa import load_qa_jsonl
-    from .evaluation.exact_match import evaluate_answers
-    from .evaluation.perplexity import perplexity
-    from .interop.atomic import atomic_write_text
+    from .evaluation.tasks import evaluate_task
     from .interop.checkpoint import load_model
-    from .training.losses import evaluate_heads
 
     model, tokenizer = load_model(args.checkpoint)
-    if args.limit is not None and args.limit < 1:
-        raise MtplabError(f"--limit must be >= 1, got {args.limit}")
-    is_jsonl = args.data.endswith(".jsonl")
-    if args.task == "gsm8k" or (args.task == "loss" and is_jsonl):
-        examples = load_qa_jsonl(args.data, args.limit)
-    else:
-        text = read_text_files([args.data])[0]
-        if not text.strip():
-            raise MtplabError(f"{args.data}: no text")
-    if args.task == "gsm8k":
-        report = evaluate_answers(model, tokenizer, examples, args.max_new_tokens, progress=True)
-        out = Path(args.out) if args.out else Path(args.checkpoint) / "eval_gsm8k.jsonl"
-        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in report.pop("rows")))
-        result = {"task": "gsm8k", "accuracy": report["accuracy"], "n": report["n"], "per_example": str(out)}
-        summary = f"GSM8K exact match: {report['accuracy']:.2%} of {report['n']} ({out})"
-    elif args.task == "loss":
-        seq = model.config.max_seq_len
-        try:
-            if is_jsonl:
-                batches = ChatBatches(chat_pairs(examples, tokenizer), seq, 8, tokenizer.pad_id)
-            else:
-                ids = tokenizer.encode(text)[: None if args.limit is None else args.limit * seq + 1]
-                batches = PackedBatches(np.asarray(ids, dtype=np.int64), max(1, min(seq, len(ids) - 1)), 8)
-        except ValueError as exc:  # nothing fits the model's context window
-            raise MtplabError(f"{args.data}: {exc}") from None
-        losses = evaluate_heads(model, batches.eval_batches(10**9))
-        skipped = getattr(batches, "dropped", 0)
-        result = {"task": "loss", "head_losses": losses, "skipped_longer_than_context": skipped}
-        summary = "mean cross-entropy per head (nats/token): " + ", ".join(
-            f"head {k} {l:.4f}" for k, l in enumerate(losses))
-        if skipped:
-            summary += f" ({skipped} examples longer than the {seq}-token context skipped)"
-    else:
-        ids = tokenizer.encode(text)
-        result = {"task": "ppl", **perplexity(model, ids, len(text.encode("utf-8")))}
-        summary = (f"{result['tokens']:,} tokens: {result['nats_per_token']:.4f} nats/token, "
-                   f"perplexity {result['perplexity']:.2f}, {result['bits_per_byte']:.4f} bits/byte")
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval_gsm8k.jsonl"
+    result, summary = evaluate_task(model, tokenizer, args.task, args.data, args.limit,
+                                    args.max_new_tokens, out, progress=True)
     print(json.dumps(result) if args.json else summary)
 
 
@@ -227,14 +182,14 @@ def cmd_info(args) -> None:
     from .config import load_config, model_config_from_dict
     from .interop.checkpoint import read_config
     from .models.summary import format_summary, summarize
+    from .training.trainer import resolve_vocab
 
     if Path(args.source).is_dir():
         config = model_config_from_dict(read_config(args.source)["model"])
     else:
         recipe = load_config(args.source, args.overrides)
+        resolve_vocab(recipe, recipe.tokenizer.vocab_size)  # as training sizes it from the tokenizer
         config = recipe.model
-        if config.vocab_size == 0:  # sized from the tokenizer at training time
-            config.vocab_size = 64 * -(-recipe.tokenizer.vocab_size // 64)
     summary = summarize(config)
     print(json.dumps(summary) if args.json else format_summary(summary, config))
 

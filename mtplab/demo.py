@@ -55,7 +55,7 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: list[str] = (), progr
         "held_out_accuracy_by_steps": report["accuracy_by_steps"],
         "held_out_problems": report["n"],
     }
-    prompts = [tokenizer.encode(tokenizer.chat_prompt(p["question"])) for p in problems[:16]]
+    prompts = [tokenizer.encode_chat(p["question"]) for p in problems[:16]]
     speed = bench_decoding(model, prompts, max_new_tokens=96, eos_id=tokenizer.eos_id)
     summary.update({k: speed[k] for k in ("plain_tokens_per_s", "speculative_tokens_per_s", "speedup",
                                           "tokens_per_forward", "acceptance_by_position", "identical")})

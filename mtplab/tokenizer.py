@@ -141,6 +141,9 @@ class Tokenizer:
         """One user question in the chat template, ready for the answer."""
         return self.render_chat([{"role": "user", "content": question}])
 
+    def encode_chat(self, question: str) -> list[int]:
+        return self.encode(self.chat_prompt(question))
+
 
 def _special(token: str) -> AddedToken:
     return AddedToken(token, special=True, normalized=False, lstrip=False, rstrip=False,

@@ -31,9 +31,10 @@ class StackedBlocks:
         self.eps = blocks[0].attn_norm.eps
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        """Stacked copies, rebuilt whenever a parameter changed (training, loading)."""
+        """Stacked copies, rebuilt whenever a parameter changed: in place (training, loading) or
+        its storage (`model.to(device)` swaps `.data` without a new version)."""
         params = [dict(b.named_parameters()) for b in self.blocks]
-        key = tuple((id(p), p._version) for ps in params for p in ps.values())
+        key = tuple((p.data_ptr(), p._version) for ps in params for p in ps.values())
         if key != self.key:
             self.w = {}
             for name in PARTS:
