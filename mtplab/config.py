@@ -151,12 +151,19 @@ class TrainConfig:
     init_from: str = ""  # start from this checkpoint's tokenizer and weights; new heads start fresh
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (bf16 autocast on a GPU that has it) | fp32 | bf16
+    keep_checkpoints: int = 2  # step directories kept under checkpoints/ (0: all)
+    max_nonfinite_steps: int = 10  # consecutive skipped non-finite steps before the run gives up
+    parallel: str = "ddp"  # under torchrun: ddp (replicas, gradients summed) | fsdp (FSDP2 shards)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise MtplabError(f"train.schedule must be cosine, wsd or constant, got {self.schedule!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise MtplabError(f"train.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise MtplabError(f"train.parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.keep_checkpoints < 0 or self.max_nonfinite_steps < 1:
+            raise MtplabError("train.keep_checkpoints must be >= 0 and train.max_nonfinite_steps >= 1")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise MtplabError("train.steps, train.batch_size and train.grad_accum must be >= 1")
 

@@ -58,9 +58,10 @@ class PackedBatches:
         start = i * self.seq_len
         return torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.stack([self._window(i) for i in self.sampler.take(self.batch_size)])
-        return rows[:, :-1], rows[:, 1:]  # [B, T] inputs, [B, T] labels
+    def next(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch, or only `rows` of it (a data-parallel rank's share)."""
+        windows = torch.stack([self._window(i) for i in self.sampler.take(self.batch_size)[rows]])
+        return windows[:, :-1], windows[:, 1:]  # [B, T] inputs, [B, T] labels
 
     def eval_batches(self, max_batches: int):
         """The first windows in order, for a fixed held-out measurement."""
@@ -89,9 +90,9 @@ class ChatBatches:
         self.seq_len, self.batch_size, self.pad_id = seq_len, batch_size, pad_id
         self.sampler = EpochSampler(len(self.examples), seed)
 
-    def _collate(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _collate(self, indices: list[int], width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self.examples[i] for i in indices]
-        width = max(len(p) + len(a) for p, a in rows) - 1
+        width = width or max(len(p) + len(a) for p, a in rows) - 1
         inputs = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         for r, (prompt, answer) in enumerate(rows):
@@ -100,8 +101,12 @@ class ChatBatches:
             labels[r, len(prompt) - 1:len(ids) - 1] = ids[len(prompt):]
         return inputs, labels
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._collate(self.sampler.take(self.batch_size))
+    def next(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch, or only `rows` of it, padded to the whole batch's width (so a
+        data-parallel rank's share is exactly those rows of the single-process batch)."""
+        indices = self.sampler.take(self.batch_size)
+        width = max(sum(map(len, self.examples[i])) for i in indices) - 1
+        return self._collate(indices[rows], width)
 
     def eval_batches(self, max_batches: int):
         n = min(len(self.examples), max_batches * self.batch_size)

@@ -44,9 +44,17 @@ def evaluate_heads(model: Transformer, batches) -> list[float]:
     return [t / max(c, 1) for t, c in zip(totals, counts)]
 
 
+def label_counts(labels: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[n_heads] number of tokens each head is scored on (head k skips the first k labels)."""
+    return torch.stack([(labels[:, k:] != IGNORE).sum() for k in range(n_heads)])
+
+
 def backward_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, weights: list[float],
-                   scale: float = 1.0, autocast=contextlib.nullcontext) -> list[float]:
-    """Accumulate gradients of sum_k weights[k] * mean CE_k (times `scale`); return each CE_k."""
+                   scale: float = 1.0, autocast=contextlib.nullcontext,
+                   counts: list[int] | None = None) -> list[float]:
+    """Accumulate gradients of sum_k weights[k] * CE_k (times `scale`); return each CE_k.
+    CE_k is head k's summed cross-entropy divided by counts[k] (default: this batch's own token
+    count, i.e. the mean); data-parallel ranks pass the global batch's count."""
     mask = AttentionMask(0, ids.size(1), ids.device)
     with autocast():
         h = model.trunk(ids, mask)  # [B, T, D]
@@ -66,7 +74,7 @@ def backward_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, 
         with autocast():
             logits = model.head_logits(k, detached[k])
         total, count = head_loss(logits, labels, k)
-        mean = total / max(count, 1)
+        mean = total / max(count if counts is None else counts[k], 1)
         losses[k] = mean.item()
         (mean * weights[k] * scale).backward()
         del logits, total, mean

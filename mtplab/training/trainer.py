@@ -1,6 +1,7 @@
 """The training loop: AdamW with decay groups, warmup + cosine/WSD, accumulation, clipping,
-bf16 autocast where the hardware has it, periodic held-out evaluation, atomic checkpoints,
-exact `--resume`, metrics.jsonl, a progress bar and a loss plot."""
+bf16 autocast where the hardware has it, periodic held-out evaluation, atomic rotating checkpoints,
+bit-exact `--resume`, data parallelism under torchrun, skipped non-finite steps, a clean stop on
+SIGINT/SIGTERM, metrics.jsonl, a progress bar and a loss plot."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import functools
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +23,12 @@ from ..data.pipeline import Dataset, build_dataset
 from ..errors import MtplabError
 from ..evaluation.plots import plot_losses, read_metrics
 from ..interop.atomic import atomic_write_text
-from ..interop.checkpoint import (TRAINER_STATE, load_base, load_state, load_tokenizer,
-                                  load_weights, save_checkpoint)
+from ..interop.checkpoint import TRAINER_STATE, WEIGHTS, load_base, load_state, load_tokenizer
 from ..models.transformer import Transformer
-from .losses import backward_heads, evaluate_heads
+from . import distributed
+from .checkpoints import load_latest, remove_partial_writes, save_step, step_dirs
+from .faults import NonFiniteGuard, StopSignals
+from .losses import backward_heads, evaluate_heads, label_counts
 from .schedules import lr_multiplier
 
 METRICS, LOSS_PLOT = "metrics.jsonl", "loss.png"
@@ -39,6 +43,8 @@ class TrainResult:
     head_losses: list[float] = field(default_factory=list)  # last logged train losses
     eval_head_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    nonfinite_steps: int = 0  # updates skipped for a non-finite loss or gradient
+    stopped_by: str = ""  # the signal that ended the run early (a checkpoint was saved)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -108,28 +114,43 @@ def resolve_vocab(config: Config, vocab_size: int) -> None:
 
 
 def train(config: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train the model described by `config`, writing a checkpoint directory to `out_dir`."""
-    out_dir = Path(out_dir)
+    """Train the model described by `config`, writing a checkpoint directory to `out_dir`. Under
+    torchrun this process is one rank of a data-parallel run (see distributed.py)."""
+    device = pick_device(config.train.device)
+    ranks = distributed.start(device)
+    if ranks.active and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        return _train(config, Path(out_dir), resume, progress and ranks.main, device, ranks)
+    finally:
+        distributed.stop(ranks)
+
+
+def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: torch.device,
+           ranks: distributed.Ranks) -> TrainResult:
     t_cfg = config.train
-    device = pick_device(t_cfg.device)
+    distributed.check_batch(ranks, t_cfg.batch_size)
     seed_everything(t_cfg.seed)
 
-    trainer_state = None
-    tokenizer = None
+    checkpoint, tokenizer = None, None
     if resume:
-        if not (out_dir / TRAINER_STATE).is_file():
-            raise MtplabError(f"cannot resume: {out_dir} has no {TRAINER_STATE}")
-        tokenizer = load_tokenizer(out_dir)
-        try:
-            trainer_state = torch.load(out_dir / TRAINER_STATE, weights_only=True)
-        except Exception as exc:  # truncated or foreign file
-            raise MtplabError(f"cannot read {out_dir / TRAINER_STATE}: {exc}") from None
-    else:
+        if not out_dir.is_dir():
+            raise MtplabError(f"cannot resume: {out_dir} does not exist")
+        if ranks.main:
+            remove_partial_writes(out_dir)
+        checkpoint = load_latest(out_dir)
+        if checkpoint is None:
+            if ranks.main:
+                print(f"mtplab: {out_dir} has no checkpoint yet: starting from step 0", file=sys.stderr)
+        else:
+            tokenizer = load_tokenizer(checkpoint[3])
+    if checkpoint is None:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise MtplabError(f"cannot create {out_dir}: {exc.strerror}") from None
-        if (out_dir / TRAINER_STATE).exists():
+        if not resume and (step_dirs(out_dir) or (out_dir / TRAINER_STATE).exists()):
             raise MtplabError(f"{out_dir} already holds a training run: pass --resume, "
                               "or choose another --out")
         if t_cfg.init_from:  # the base model's tokenizer, so that its weights mean the same ids
@@ -138,35 +159,39 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, progress: b
     dataset = build_dataset(config, out_dir, tokenizer)
     resolve_vocab(config, dataset.tokenizer.vocab_size)
     model = Transformer(config.model).to(device)
-    if t_cfg.init_from and trainer_state is None:
+    if t_cfg.init_from and checkpoint is None:
         load_base(model, t_cfg.init_from)
     if t_cfg.freeze_trunk:  # Medusa-1: the base model stays as it is, only the heads learn
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("heads."))
     optimizer = make_optimizer(model, config)
-    start = 0
-    if trainer_state is not None:
-        state, weights_step = load_weights(out_dir)
-        if weights_step != trainer_state["step"]:
-            raise MtplabError(f"{out_dir}: weights are from step {weights_step} but the trainer "
-                              f"state from step {trainer_state['step']} (interrupted save?)")
-        load_state(model, state, out_dir)
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        dataset.train.load_state_dict(trainer_state["data"])
-        _restore_rng(trainer_state["rng"])
-        start = trainer_state["step"]
-    _truncate_metrics(out_dir / METRICS, start)
+    start, guard = 0, NonFiniteGuard(t_cfg.max_nonfinite_steps)
+    last_good = "none (no step was saved)"
+    if checkpoint is not None:
+        start, weights, state, directory = checkpoint
+        load_state(model, weights, directory / WEIGHTS)
+        optimizer.load_state_dict(state["optimizer"])
+        dataset.train.load_state_dict(state["data"])
+        _restore_rng(state["rng"])
+        guard.skipped = state.get("nonfinite_steps", 0)
+        last_good = str(directory)
+    if ranks.main:
+        _truncate_metrics(out_dir / METRICS, start)
 
     autocast = autocast_for(device, t_cfg.dtype)
     weights = config.model.head_weights
     run_config = config.to_dict()
     result = TrainResult(model, dataset, out_dir, start)
+    rows = ranks.rows(t_cfg.batch_size)
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def save(step: int) -> None:
+    def save(step: int) -> str:
         state = {"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                 "data": dataset.train.state_dict()}
-        save_checkpoint(out_dir, model, dataset.tokenizer, run_config, state, step)
+                 "data": dataset.train.state_dict(), "nonfinite_steps": guard.skipped}
+        directory = save_step(out_dir, step, model, dataset.tokenizer, run_config, state,
+                              t_cfg.keep_checkpoints)
         plot_losses(out_dir / METRICS, out_dir / LOSS_PLOT)
+        return str(directory)
 
     def evaluate(step: int) -> None:
         model.eval()
@@ -182,39 +207,63 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, progress: b
     model.train()
     t0 = window_t0 = time.perf_counter()
     window_tokens = 0
-    for step in range(start, t_cfg.steps):
-        lr = t_cfg.lr * lr_multiplier(step, t_cfg.steps, t_cfg.warmup_steps, t_cfg.schedule,
-                                      t_cfg.min_lr_ratio, t_cfg.decay_fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        head_losses = [0.0] * model.n_future
-        for _ in range(t_cfg.grad_accum):
-            ids, labels = dataset.train.next()
-            ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            micro = backward_heads(model, ids, labels, weights, 1.0 / t_cfg.grad_accum, autocast)
-            head_losses = [a + b / t_cfg.grad_accum for a, b in zip(head_losses, micro)]
-            window_tokens += ids.numel()
-        if t_cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        result.head_losses, result.step = head_losses, done
-        bar.update(1)
-        if done % t_cfg.log_every == 0 or done == t_cfg.steps:
-            now = time.perf_counter()
-            tok_s = window_tokens / max(now - window_t0, 1e-9)
-            window_t0, window_tokens = now, 0
-            loss = _weighted(head_losses, weights)
-            _append(out_dir / METRICS, {"step": done, "loss": loss, "head_losses": head_losses,
-                                        "lr": lr, "tokens_per_s": tok_s})
-            bar.set_postfix(loss=f"{loss:.3f}", head0=f"{head_losses[0]:.3f}", tok_s=f"{tok_s:,.0f}")
-        if done % t_cfg.eval_every == 0 or done == t_cfg.steps:
-            evaluate(done)
-            save(done)
+    with StopSignals() as signals:
+        for step in range(start, t_cfg.steps):
+            lr = t_cfg.lr * lr_multiplier(step, t_cfg.steps, t_cfg.warmup_steps, t_cfg.schedule,
+                                          t_cfg.min_lr_ratio, t_cfg.decay_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            head_losses = [0.0] * model.n_future
+            for _ in range(t_cfg.grad_accum):
+                ids, labels = dataset.train.next(rows)
+                ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                counts = distributed.sum_(ranks, label_counts(labels, model.n_future)).tolist()
+                micro = backward_heads(model, ids, labels, weights, 1.0 / t_cfg.grad_accum, autocast,
+                                       counts)
+                head_losses = [a + b / t_cfg.grad_accum for a, b in zip(head_losses, micro)]
+                window_tokens += ids.numel() * ranks.world
+            distributed.sum_gradients(ranks, model)
+            # one all-reduce for the losses and the stop flag, so that every rank decides alike
+            shared = distributed.sum_(ranks, torch.tensor(head_losses + [float(bool(signals.received))],
+                                                          dtype=torch.float64))
+            head_losses, stop = shared[:-1].tolist(), bool(shared[-1])
+            grads = [p.grad for p in trainable if p.grad is not None]
+            if t_cfg.clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t_cfg.clip))
+            else:
+                grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            done = step + 1
+            if guard.check(done, head_losses, grad_norm, last_good):
+                optimizer.step()
+            elif ranks.main:
+                bar.write(f"mtplab: step {done}: non-finite loss or gradient, update skipped "
+                          f"({guard.in_a_row} in a row, {guard.skipped} in all)")
+            optimizer.zero_grad(set_to_none=True)
+            result.head_losses, result.step = head_losses, done
+            bar.update(1)
+            if ranks.main and (done % t_cfg.log_every == 0 or done == t_cfg.steps):
+                now = time.perf_counter()
+                tok_s = window_tokens / max(now - window_t0, 1e-9)
+                window_t0, window_tokens = now, 0
+                loss = _weighted(head_losses, weights)
+                row = {"step": done, "loss": loss, "head_losses": head_losses, "lr": lr,
+                       "tokens_per_s": tok_s}
+                if guard.skipped:
+                    row["nonfinite_steps"] = guard.skipped
+                _append(out_dir / METRICS, row)
+                bar.set_postfix(loss=f"{loss:.3f}", head0=f"{head_losses[0]:.3f}", tok_s=f"{tok_s:,.0f}")
+            scheduled = done % t_cfg.eval_every == 0 or done == t_cfg.steps
+            if ranks.main and scheduled:
+                evaluate(done)
+            if ranks.main and (scheduled or stop):
+                last_good = save(done)
+            if stop:
+                result.stopped_by = signals.name or "a stop signal on another rank"
+                break
     bar.close()
-    if start >= t_cfg.steps and not (out_dir / LOSS_PLOT).exists():
+    if ranks.main and start >= t_cfg.steps and not (out_dir / LOSS_PLOT).exists():
         plot_losses(out_dir / METRICS, out_dir / LOSS_PLOT)
+    result.nonfinite_steps = guard.skipped
     result.seconds = time.perf_counter() - t0
     return result
 

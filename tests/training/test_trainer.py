@@ -21,8 +21,11 @@ def test_tiny_loss_falls_below_threshold(tiny_run):
     assert first["head_losses"][0] > 4.5  # ~ln(vocab) at the start
     assert result.eval_head_losses[0] < 3.3  # after 60 steps, a few seconds
     assert len(result.eval_head_losses) == 2
-    for name in ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "loss.png"]:
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "loss.png"]:
         assert (out / name).is_file(), name
+    newest = out / "checkpoints" / "step-000060"
+    assert (newest / "trainer_state.pt").is_file()
+    assert (newest / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 def test_save_then_load_gives_identical_logits(tiny_run):
@@ -38,16 +41,16 @@ def test_resume_continues_to_bit_identical_weights(tmp_path, monkeypatch):
     config = load_config(TINY, SMALL)
     trainer.train(config, tmp_path / "straight", progress=False)
 
-    real_save = trainer.save_checkpoint
+    real_save = trainer.save_step
 
-    def save_then_die(directory, model, tokenizer, run_config, state, step):
-        real_save(directory, model, tokenizer, run_config, state, step)
+    def save_then_die(*args):
+        real_save(*args)
         raise KeyboardInterrupt  # killed right after the step-10 checkpoint
 
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(trainer, "save_step", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(load_config(TINY, SMALL), tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainer, "save_step", real_save)
     assert json.loads((tmp_path / "resumed" / "config.json").read_text())["step"] == 10
 
     result = trainer.train(load_config(TINY, SMALL), tmp_path / "resumed", resume=True, progress=False)
@@ -68,13 +71,27 @@ def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path, tiny_run):
         trainer.train(load_config(TINY, SMALL), tmp_path / "empty", resume=True, progress=False)
 
 
-def test_mismatched_weights_and_trainer_state_are_detected(tmp_path):
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capfd):
+    straight = trainer.train(load_config(TINY, SMALL), tmp_path / "straight", progress=False)
     out = tmp_path / "run"
     trainer.train(load_config(TINY, SMALL), out, progress=False)
-    state = torch.load(out / "trainer_state.pt", weights_only=True)
-    state["step"] = 10  # as if the save of the step-20 weights finished but not the state
-    torch.save(state, out / "trainer_state.pt")
-    with pytest.raises(MtplabError, match="interrupted save"):
+    newest = out / "checkpoints" / "step-000020" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a disk that lost the end of the file
+    result = trainer.train(load_config(TINY, SMALL), out, resume=True, progress=False)
+    assert "skipping" in capfd.readouterr().err
+    assert result.step == 20
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, result.model.state_dict()[k]), k
+
+
+def test_weights_and_trainer_state_from_different_steps_are_not_resumed(tmp_path):
+    out = tmp_path / "run"
+    trainer.train(load_config(TINY, SMALL + ["train.keep_checkpoints=1"]), out, progress=False)
+    path = out / "checkpoints" / "step-000020" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["step"] = 10
+    torch.save(state, path)
+    with pytest.raises(MtplabError, match="no checkpoint .* reads back"):
         trainer.train(load_config(TINY, SMALL), out, resume=True, progress=False)
 
 

@@ -1,0 +1,88 @@
+"""Data-parallel training through torch.distributed, started by torchrun.
+
+    torchrun --nproc_per_node 2 -m mtplab train --recipe recipes/tiny.toml --out runs/tiny-ddp
+
+Every rank draws the same global micro-batch order and keeps its own contiguous slice of rows, so
+the global batch (train.batch_size x train.grad_accum) is the same whatever the number of processes.
+Each head's loss is divided by the token count of the *global* micro-batch, so summing the ranks'
+gradients (one all-reduce per optimizer step, after accumulation) gives exactly the gradient a
+single process computes. Gradients are reduced by hand rather than by the DistributedDataParallel
+wrapper because the trainer back-propagates one head at a time (see losses.py): several backward
+passes per forward, with the unembedding used by every head, which DDP's reducer does not allow.
+
+train.parallel = "fsdp" shards parameters, gradients and optimizer state with FSDP2
+(`fully_shard`) for models that do not fit one device; it then takes a plain all-heads backward.
+gloo on CPU, nccl on CUDA. Rank 0 alone writes checkpoints and metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import MtplabError
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's rows of a global micro-batch."""
+        per = batch_size // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+def start(device: torch.device) -> Ranks:
+    """Join the process group torchrun describes in the environment (a single process otherwise)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ranks
+
+
+def stop(ranks: Ranks) -> None:
+    if ranks.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_batch(ranks: Ranks, batch_size: int) -> None:
+    if batch_size % ranks.world:
+        raise MtplabError(f"train.batch_size ({batch_size}) must be divisible by the number of "
+                          f"processes ({ranks.world}): it is the global batch, split between them")
+
+
+def sum_(ranks: Ranks, values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks, in place; the identity in a single process."""
+    if ranks.active:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def sum_gradients(ranks: Ranks, model: torch.nn.Module) -> None:
+    """Sum every gradient over ranks: one flat all-reduce instead of one per tensor."""
+    if not ranks.active:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
