@@ -6,6 +6,7 @@ Bad input ends with one line on stderr and exit code 2; Ctrl-C with exit code 13
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .errors import MtplabError
@@ -82,6 +83,14 @@ def cmd_train(args) -> None:
     from . import train
 
     result = train(args.recipe, args.out, args.overrides, resume=args.resume, progress=not args.quiet)
+    if result.stopped_by:
+        print(f"mtplab: stopped by {result.stopped_by} at step {result.step}; checkpoint saved in "
+              f"{result.out_dir}; continue with the same command plus --resume", file=sys.stderr)
+        signum = getattr(signal.Signals, result.stopped_by, signal.SIGTERM)
+        raise SystemExit(128 + signum)
+    if result.nonfinite_steps:
+        print(f"mtplab: {result.nonfinite_steps} step(s) skipped for a non-finite loss or gradient",
+              file=sys.stderr)
     losses = ", ".join(f"head {k} {l:.3f}" for k, l in enumerate(result.eval_head_losses))
     print(f"trained to step {result.step} in {result.seconds:.1f} s; held-out loss: {losses}; "
           f"checkpoint: {result.out_dir}")

@@ -237,7 +237,7 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
                 optimizer.step()
             elif ranks.main:
                 bar.write(f"mtplab: step {done}: non-finite loss or gradient, update skipped "
-                          f"({guard.in_a_row} in a row, {guard.skipped} in all)")
+                          f"({guard.in_a_row} in a row, {guard.skipped} in all)", file=sys.stderr)
             optimizer.zero_grad(set_to_none=True)
             result.head_losses, result.step = head_losses, done
             bar.update(1)

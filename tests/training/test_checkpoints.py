@@ -1,0 +1,152 @@
+"""Checkpoints survive any kill: SIGKILL at random moments and inside each stage of a checkpoint
+write, then `--resume`, ends bit-identical to a run that was never interrupted."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mtplab.config import load_config
+from mtplab.interop.checkpoint import load_model
+from mtplab.training import trainer
+from mtplab.training.checkpoints import step_dirs
+from tests.conftest import ROOT, TINY
+
+RUN = ["train", "--recipe", str(TINY), "--quiet", "--set", "train.steps=30", "--set", "train.eval_every=4",
+       "--set", "train.log_every=1", "--set", "data.n_train=400", "--set", "data.n_eval=16"]
+
+# Runs the CLI with one function wrapped so that the process SIGKILLs itself at a chosen point of its
+# n-th checkpoint: half-way through writing the weights, with the step directory written but not yet
+# renamed into place, or with the top-level weights published but not their config.
+DRIVER = """
+import os, signal, sys
+import mtplab.interop.checkpoint as files, mtplab.training.checkpoints as steps
+point, nth = sys.argv[1], int(sys.argv[2])
+calls = []
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+def due():
+    calls.append(1)
+    return len(calls) == nth
+if point == "weights":
+    real_save = files.save_file
+    def save_file(state, path, metadata=None):
+        real_save(state, path, metadata=metadata)
+        if due():
+            with open(path, "r+b") as handle:
+                handle.truncate(os.path.getsize(path) // 2)
+            die()
+    files.save_file = save_file
+elif point == "rename":
+    real_checkpoint = steps.save_checkpoint
+    def save_checkpoint(*args):
+        real_checkpoint(*args)
+        if due():
+            die()
+    steps.save_checkpoint = save_checkpoint
+elif point == "publish":
+    real_publish = steps.publish
+    def publish(source, target):
+        real_publish(source, target)
+        if target.name == "tokenizer.json" and due():
+            die()
+    steps.publish = publish
+from mtplab.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def logged_steps(out):
+    path = out / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def run(args, out, kill_after=None):
+    """Run the driver; with `kill_after`, SIGKILL it that many seconds after it logs a new step."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    before = logged_steps(out)
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args, "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if kill_after is not None:
+        while proc.poll() is None and logged_steps(out) <= before:
+            time.sleep(0.05)
+        time.sleep(kill_after)
+        proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    code, err = run(["none", "0", *RUN], straight)
+    assert code == 0, err
+    chance = random.Random(7)
+    kills = [("time", 0.0), ("weights", 2), ("rename", 2), ("publish", 2), ("weights", 1)]
+    kills += [("time", chance.uniform(0.0, 1.5)) for _ in range(3)]
+    outcomes = []
+    for i, (point, arg) in enumerate(kills):
+        resume = ["--resume"] if i else []
+        if point == "time":
+            code, err = run(["none", "0", *RUN, *resume], out, kill_after=arg)
+            assert code in (-signal.SIGKILL, 0), err  # 0: the run finished before the kill
+        else:
+            code, err = run([point, str(arg), *RUN, *resume], out)
+            assert code == -signal.SIGKILL, err
+        outcomes.append((point, code, [s for s, _ in step_dirs(out)]))
+        for _, directory in step_dirs(out):  # every checkpoint left on disk loads
+            load_model(directory)
+        if (out / "config.json").exists():
+            load_model(out)
+    code, err = run(["none", "0", *RUN, "--resume"], out)
+    assert code == 0, err
+    a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 31))  # none lost, none twice
+    assert not [p for p in out.rglob(".*.tmp")]  # no partial write left behind
+    assert len(step_dirs(out)) == 2  # rotation kept the last two
+    print(outcomes)
+
+
+def test_sigterm_from_the_command_line_saves_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "mtplab", *RUN, "--set", "train.steps=100000", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    (step, directory), = step_dirs(out)
+    assert json.loads((out / "config.json").read_text())["step"] == step
+    load_model(directory)
+
+
+def test_rotation_keeps_the_newest_steps(tmp_path):
+    config = load_config(TINY, ["train.steps=12", "train.eval_every=3", "train.keep_checkpoints=2",
+                                "data.n_train=400", "data.n_eval=16"])
+    trainer.train(config, tmp_path / "run", progress=False)
+    assert [s for s, _ in step_dirs(tmp_path / "run")] == [9, 12]
+
+
+@pytest.mark.parametrize("broken", ["truncated", "foreign"])
+def test_a_run_with_no_readable_checkpoint_is_not_resumed(tmp_path, broken):
+    out = tmp_path / "run"
+    trainer.train(load_config(TINY, ["train.steps=4", "train.eval_every=4", "data.n_train=400"]), out,
+                  progress=False)
+    (_, directory), = step_dirs(out)
+    state = directory / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100] if broken == "truncated" else b"not a pickle")
+    with pytest.raises(Exception, match="no checkpoint .* reads back"):
+        trainer.train(load_config(TINY, ["train.steps=8", "data.n_train=400"]), out, resume=True, progress=False)
