@@ -83,6 +83,8 @@ def cmd_train(args) -> None:
     from . import train
 
     result = train(args.recipe, args.out, args.overrides, resume=args.resume, progress=not args.quiet)
+    if not result.main:  # another rank of a torchrun job: rank 0 reports
+        return
     if result.stopped_by:
         print(f"mtplab: stopped by {result.stopped_by} at step {result.step}; checkpoint saved in "
               f"{result.out_dir}; continue with the same command plus --resume", file=sys.stderr)

@@ -45,6 +45,7 @@ class TrainResult:
     seconds: float = 0.0
     nonfinite_steps: int = 0  # updates skipped for a non-finite loss or gradient
     stopped_by: str = ""  # the signal that ended the run early (a checkpoint was saved)
+    main: bool = True  # rank 0 (the process that writes), or a single process
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -181,7 +182,7 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
     autocast = autocast_for(device, t_cfg.dtype)
     weights = config.model.head_weights
     run_config = config.to_dict()
-    result = TrainResult(model, dataset, out_dir, start)
+    result = TrainResult(model, dataset, out_dir, start, main=ranks.main)
     rows = ranks.rows(t_cfg.batch_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
