@@ -322,13 +322,20 @@ async def _events(ticket: Ticket, chunk: Callable[[Piece], dict], chat: bool, he
 async def _collect(request: Request, ticket: Ticket) -> list[Piece] | None:
     """All pieces of a non-streaming answer; None if the client disconnects first."""
     pieces: list[Piece] = []
+    loop = asyncio.get_running_loop()
+    check_at = loop.time() + DISCONNECT_POLL_S
     try:
         while True:
             get = asyncio.ensure_future(ticket.get())
-            while not (await asyncio.wait({get}, timeout=DISCONNECT_POLL_S))[0]:
-                if await request.is_disconnected():
-                    get.cancel()
-                    return None
+            while True:  # pieces may come faster than the poll: check on the clock, not on silence
+                done, _ = await asyncio.wait({get}, timeout=max(0.0, check_at - loop.time()))
+                if loop.time() >= check_at:
+                    check_at = loop.time() + DISCONNECT_POLL_S
+                    if await request.is_disconnected():
+                        get.cancel()
+                        return None
+                if done:
+                    break
             try:
                 item = get.result()
             except MtplabError as exc:
