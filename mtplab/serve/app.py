@@ -32,7 +32,8 @@ from .streaming import Piece, stream_pieces
 from .worker import QueueFull, Ticket, Worker
 
 STATIC = Path(__file__).parent / "static"
-DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+DISCONNECT_POLL_S = 0.25
+MIN_TEMPERATURE, MIN_TOP_P = 1e-5, 1e-6  # how often a non-streaming request checks that its client is still there
 
 
 class APIError(Exception):
@@ -194,9 +195,13 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
         if body.n_draft is not None and body.n_draft > model.n_future - 1:
             raise APIError(400, f"n_draft must be between 0 and {model.n_future - 1} (the model has "
                            f"{model.n_future} heads)", param="n_draft")
+        # Below these, fp32 turns logits / temperature into inf and top_p into 0 (NaN probabilities);
+        # both already mean "the most likely token", which is what they become.
+        temperature = body.temperature or 0.0
+        temperature = 0.0 if temperature < MIN_TEMPERATURE else temperature
+        top_p = 1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P)
         try:
-            params = SamplingParams(body.temperature or 0.0, body.top_k or 0,
-                                    1.0 if body.top_p is None else body.top_p, body.seed)
+            params = SamplingParams(temperature, body.top_k or 0, top_p, body.seed)
         except MtplabError as exc:
             raise APIError(400, str(exc)) from None
         stops = body.stop_strings()
