@@ -15,9 +15,10 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -319,7 +320,8 @@ async def _events(ticket: Ticket, chunk: Callable[[Piece], dict], chat: bool, he
                 break
     except MtplabError as exc:
         yield sse(error_body(str(exc)))
-    except Exception as exc:  # a bug: tell the client in the stream, which has already begun
+    # a bug (the worker logged it); the response has begun, so the stream itself must say so
+    except Exception as exc:  # noqa: BLE001
         yield sse(error_body(f"internal error: {type(exc).__name__}", type="server_error"))
     yield "data: [DONE]\n\n"
 

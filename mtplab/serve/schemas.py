@@ -8,7 +8,7 @@ logprobs, user, ...) are accepted and ignored, so existing clients work unchange
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,25 +18,25 @@ MAX_STOP = 4  # OpenAI's limit on stop strings
 class _Sampling(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    model: Optional[str] = None  # None: the one model served
-    max_tokens: Optional[int] = Field(None, ge=1)  # None: the rest of the context window
-    temperature: Optional[float] = Field(None, ge=0, le=2)  # None: 0, greedy, as `mtplab generate`
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
-    stop: Optional[str | list[str]] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[dict] = None
-    n: Optional[int] = Field(None, ge=1, le=1)  # one answer per request
+    model: str | None = None  # None: the one model served
+    max_tokens: int | None = Field(None, ge=1)  # None: the rest of the context window
+    temperature: float | None = Field(None, ge=0, le=2)  # None: 0, greedy, as `mtplab generate`
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: dict | None = None
+    n: int | None = Field(None, ge=1, le=1)  # one answer per request
     # mtplab extensions: speculation on/off (default: on when the model has heads) and its width
-    speculative: Optional[bool] = None
-    n_draft: Optional[int] = Field(None, ge=0)
+    speculative: bool | None = None
+    n_draft: int | None = Field(None, ge=0)
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return stops
 
-    def check_stop(self) -> Optional[str]:
+    def check_stop(self) -> str | None:
         """An error message for a bad `stop`, or None."""
         stops = self.stop_strings()
         if len(stops) > MAX_STOP:
@@ -61,8 +61,8 @@ class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Optional[str | list[TextPart]] = None
-    name: Optional[str] = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -72,4 +72,4 @@ class Message(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens

@@ -10,8 +10,8 @@ of a stop string.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from ..inference.decode import TextDecoder, decode
 from ..inference.sampling import SamplingParams

@@ -14,7 +14,8 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ..errors import MtplabError
 
