@@ -33,8 +33,8 @@ from .streaming import Piece, stream_pieces
 from .worker import QueueFull, Ticket, Worker
 
 STATIC = Path(__file__).parent / "static"
-DISCONNECT_POLL_S = 0.25
-MIN_TEMPERATURE, MIN_TOP_P = 1e-5, 1e-6  # how often a non-streaming request checks that its client is still there
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+MIN_TEMPERATURE, MIN_TOP_P = 1e-5, 1e-6  # below: greedy, resp. the top token only (see plan())
 
 
 class APIError(Exception):
@@ -100,7 +100,6 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
             state["worker"] = None
 
     app = FastAPI(title="mtplab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.worker = worker
 
     # -- errors, all in OpenAI's shape -----------------------------------------------------------
     @app.exception_handler(APIError)
