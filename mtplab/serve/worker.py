@@ -23,7 +23,7 @@ log = logging.getLogger("mtplab.serve")
 
 
 class QueueFull(Exception):
-    """More requests are waiting than the worker's `max_queue`."""
+    """Every one of the worker's `max_active` places is taken and `max_queue` requests wait."""
 
 
 _END = object()
@@ -39,6 +39,8 @@ class Ticket:
 
     `start` runs on the worker thread and returns the iterator whose items are streamed; the items
     cross to the event loop through an asyncio queue."""
+
+    END = _END  # the item after the last one
 
     def __init__(self, start: Callable[[], Iterator[Any]], loop: asyncio.AbstractEventLoop):
         self.start = start
@@ -68,8 +70,6 @@ class Ticket:
         if self.worker is not None:
             self.worker._forget(self)
 
-    END = _END
-
 
 class Worker:
     def __init__(self, max_queue: int = 64, max_active: int = 16):
@@ -85,7 +85,7 @@ class Worker:
         self._thread.start()
 
     def submit(self, start: Callable[[], Iterator[Any]]) -> Ticket:
-        """Queue a request (call on the event loop); raises QueueFull beyond `max_queue` waiting."""
+        """Queue a request (call on the event loop); raises QueueFull when every place is taken."""
         ticket = Ticket(start, asyncio.get_running_loop())
         with self._cond:
             if len(self.waiting) + len(self.active) >= self.max_queue + self.max_active:
@@ -102,6 +102,16 @@ class Worker:
             if ticket in self.waiting:
                 self.waiting.remove(ticket)
                 self.cancelled += 1
+
+    def _drop(self, ticket: Ticket, iterator: Iterator | None, outcome: str) -> None:
+        with self._cond:
+            self.active.pop(ticket, None)
+            if outcome == "finished":
+                self.finished += 1
+            else:
+                self.cancelled += 1
+        if iterator is not None and hasattr(iterator, "close"):
+            iterator.close()  # runs the decoder's cleanup now, on this thread
 
     def stop(self) -> None:
         with self._cond:
@@ -121,16 +131,17 @@ class Worker:
                 turn = list(self.active.items())
             for ticket, iterator in turn:
                 self._step(ticket, iterator)
-        for ticket, iterator in list(self.active.items()):
-            self._drop(ticket, iterator)
+        # shutting down: nobody is left waiting for an answer that will not come
+        with self._cond:
+            left = list(self.active.items()) + [(t, None) for t in self.waiting]
+            self.waiting.clear()
+        for ticket, iterator in left:
+            ticket._put(_Failure(MtplabError("the server is shutting down")))
+            self._drop(ticket, iterator, "cancelled")
 
     def _step(self, ticket: Ticket, iterator: Iterator | None) -> None:
         if ticket.cancelled.is_set():
-            self._drop(ticket, iterator)
-            if ticket.completed:
-                self.finished += 1
-            else:
-                self.cancelled += 1
+            self._drop(ticket, iterator, "finished" if ticket.completed else "cancelled")
             return
         try:
             if iterator is None:
@@ -138,20 +149,11 @@ class Worker:
             item = next(iterator)
         except StopIteration:
             ticket._put(_END)
-            self._drop(ticket, None)
-            self.finished += 1
+            self._drop(ticket, None, "finished")
         except Exception as exc:  # reported to the request's client; the worker keeps serving
             if not isinstance(exc, MtplabError):
                 log.exception("decoding failed")
             ticket._put(_Failure(exc))
-            self._drop(ticket, iterator)
-            self.finished += 1
+            self._drop(ticket, iterator, "finished")
         else:
             ticket._put(item)
-
-    def _drop(self, ticket: Ticket, iterator: Iterator | None) -> None:
-        with self._cond:
-            self.active.pop(ticket, None)
-        if iterator is not None and hasattr(iterator, "close"):
-            iterator.close()
-

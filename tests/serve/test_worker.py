@@ -1,6 +1,7 @@
 """The model worker on its own: round-robin turns, the queue limit, cancellation, failures."""
 
 import asyncio
+import itertools
 import threading
 
 import pytest
@@ -115,3 +116,17 @@ def test_a_failing_request_reports_its_error_and_the_worker_goes_on():
         return fine
 
     assert run(main()) == [1, 2]
+
+
+def test_stopping_fails_the_requests_left():
+    async def main():
+        worker = Worker(max_queue=2, max_active=1)
+        endless = worker.submit(lambda: itertools.repeat("x"))
+        assert await endless.get() == "x"
+        waiting = worker.submit(lambda: iter(["never"]))
+        await asyncio.to_thread(worker.stop)
+        with pytest.raises(MtplabError, match="shutting down"):
+            await waiting.get()
+        return worker.cancelled
+
+    assert run(main()) == 2
