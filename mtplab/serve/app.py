@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -72,6 +72,25 @@ class EventStream(StreamingResponse):
             self.on_close()
 
 
+class RequireKey:
+    """ASGI middleware: every route but /health needs `Authorization: Bearer KEY`. Checked before
+    the body is read, so a client without the key learns nothing about the API."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, given = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
+                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                          code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -104,8 +123,7 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
     # -- errors, all in OpenAI's shape -----------------------------------------------------------
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -127,16 +145,9 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
     async def _bug(request: Request, exc: Exception):
         return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
 
-    # -- auth: every route but /health --------------------------------------------------------------
-    def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
-
-    router = APIRouter(dependencies=[Depends(require_key)])
+    if api_key is not None:
+        app.add_middleware(RequireKey, key=api_key)
+    router = APIRouter()
 
     @app.get("/health")
     async def health():

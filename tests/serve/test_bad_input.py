@@ -97,9 +97,13 @@ def test_missing_or_wrong_key(tiny):
     app = create_app(tiny[0], tiny[1], model_name="tiny", api_key="k1")
     with TestClient(app) as client:
         assert client.get("/health").status_code == 200
-        for headers in [{}, {"Authorization": "Bearer k2"}, {"Authorization": "k1"}, {"Authorization": "Basic k1"}]:
+        for headers in [{}, {"Authorization": "Bearer k2"}, {"Authorization": "k1"}, {"Authorization": "Basic k1"},
+                        {"Authorization": "Bearer k1x"}, {"Authorization": "Bearer \xc3\xa9".encode("latin-1")}]:
             error = assert_openai_error(client.post("/v1/completions", json=COMPLETION, headers=headers), 401)
             assert error["code"] == "invalid_api_key"
+        # the key is checked first: a bad body or an unknown route without it says only "401"
+        assert_openai_error(client.post("/v1/completions", content=b"{bad"), 401)
+        assert_openai_error(client.get("/v1/nope"), 401)
         assert client.post("/v1/completions", json=COMPLETION, headers={"Authorization": "Bearer k1"}).status_code == 200
 
 
