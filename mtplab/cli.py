@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None)
     _add_sampling(p)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible API and a chat page that shows drafted tokens")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    p.add_argument("--model-name", default=None, help="the model's id in the API (default: directory name)")
+    p.add_argument("--max-active", type=int, default=16, help="requests decoded together, in turn")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429")
+    p.add_argument("--device", default="cpu")
+
     p = sub.add_parser("bench", help="decode the same prompts plain and speculative; compare speed")
     p.add_argument("checkpoint")
     p.add_argument("--prompts", help="text file, one prompt per line (.jsonl: questions, chat format)")
@@ -136,6 +146,13 @@ def cmd_chat(args) -> None:
              speculative=args.speculative)
 
 
+def cmd_serve(args) -> None:
+    from .serve.server import serve
+
+    serve(args.checkpoint, args.host, args.port, args.api_key, args.model_name, args.max_queue,
+          args.max_active, args.device)
+
+
 def read_prompts(path: str | None, tokenizer, chat: bool) -> list[list[int]]:
     """Prompt token ids from a text or jsonl file, or built-in held-out arithmetic questions."""
     from pathlib import Path
@@ -211,8 +228,8 @@ def cmd_demo(args) -> None:
     run_demo(args.out, args.overrides, progress=not args.quiet)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench,
-            "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
+            "bench": cmd_bench, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,367 @@
+"""The FastAPI app: OpenAI-compatible completions and chat, the chat page, OpenAI-style errors.
+
+Every answer to a bad request is a 4xx whose body is `{"error": {"message", "type", "param",
+"code"}}`, as the `openai` client expects; a 5xx would mean a bug in mtplab. Decoding runs on the
+model worker's thread (worker.py); the handlers only tokenize, validate and relay pieces. Streams
+are server-sent events, one chunk per decode event plus a final chunk with `usage`, ending with
+`data: [DONE]`. Each chunk carries an `mtplab` object: the event's tokens, which of them were
+accepted drafts, the drafts verified and τ (tokens per forward) so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import MtplabError
+from ..inference.decode import decode
+from ..inference.sampling import SamplingParams
+from .schemas import ChatRequest, CompletionRequest, _Sampling
+from .streaming import Piece, stream_pieces
+from .worker import QueueFull, Ticket, Worker
+
+STATIC = Path(__file__).parent / "static"
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+MIN_TEMPERATURE, MIN_TOP_P = 1e-5, 1e-6  # below: greedy, resp. the top token only (see plan())
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error",
+                   param: str | None = None, code: str | None = None, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
+
+
+class EventStream(StreamingResponse):
+    """SSE response that cancels its generation however the stream ends (done, error, disconnect)."""
+
+    def __init__(self, content, on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+class RequireKey:
+    """ASGI middleware: every route but /health needs `Authorization: Bearer KEY`. Checked before
+    the body is read, so a client without the key learns nothing about the API."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, given = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
+                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                          code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None = None,
+               max_queue: int = 64, max_active: int = 16,
+               decode_fn: Callable[..., Iterator] = decode) -> FastAPI:
+    """An app serving one model. `decode_fn` has `mtplab.inference.decode.decode`'s signature
+    (tests slow it down to press stop mid-answer)."""
+    window = model.config.max_seq_len
+    vocab = model.config.vocab_size
+    created = int(time.time())
+    state: dict[str, Worker | None] = {"worker": None}
+
+    def worker() -> Worker:
+        if state["worker"] is None:  # made on first use, so that an app without lifespan works too
+            state["worker"] = Worker(max_queue, max_active)
+        return state["worker"]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker()
+        yield
+        if state["worker"] is not None:
+            state["worker"].stop()
+            state["worker"] = None
+
+    app = FastAPI(title="mtplab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    # -- errors, all in OpenAI's shape -----------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the request body is not valid JSON: {first.get('msg', '')}")
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(loc) or None
+        where = f"{param}: " if param else "the request body: "
+        return error_response(400, where + str(first.get("msg", "invalid value")), param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = (f"no route {request.method} {request.url.path}" if exc.status_code == 404
+                   else str(exc.detail))
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+    if api_key is not None:
+        app.add_middleware(RequireKey, key=api_key)
+    router = APIRouter()
+
+    @app.get("/health")
+    async def health():
+        w = worker()
+        return {"status": "ok", "model": model_name, "running": len(w.active), "waiting": len(w.waiting),
+                "finished": w.finished, "cancelled": w.cancelled}
+
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "mtplab",
+            "mtplab": {"context_length": window, "heads": model.n_future,
+                       "parameters": model.num_parameters(), "chat_template": tokenizer.chat_template}}
+
+    @router.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [card]}
+
+    @router.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        check_model(name)
+        return card
+
+    @router.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @router.get("/static/{name}", include_in_schema=False)
+    async def asset(name: str):
+        path = STATIC / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            raise APIError(404, f"no static file {name!r}", code="not_found")
+        return FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    # -- generation -------------------------------------------------------------------------------
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server has {model_name!r}",
+                           param="model", code="model_not_found")
+
+    def plan(body: _Sampling, prompt: list[int], max_tokens: int | None) -> tuple[Callable, int]:
+        """Validate what depends on the model; returns the worker's decoder factory and the limit."""
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if len(prompt) >= window:
+            raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {window} "
+                           f"tokens, so at most {window - 1} fit with room for an answer",
+                           param="prompt", code="context_length_exceeded")
+        room = window - len(prompt)
+        if max_tokens is None:
+            max_tokens = room
+        elif max_tokens > room:
+            raise APIError(400, f"max_tokens is {max_tokens}, but the context ({window} tokens) leaves "
+                           f"room for {room} after the {len(prompt)}-token prompt",
+                           param="max_tokens", code="context_length_exceeded")
+        problem = body.check_stop()
+        if problem:
+            raise APIError(400, problem, param="stop")
+        if body.n_draft is not None and body.n_draft > model.n_future - 1:
+            raise APIError(400, f"n_draft must be between 0 and {model.n_future - 1} (the model has "
+                           f"{model.n_future} heads)", param="n_draft")
+        # Below these, fp32 turns logits / temperature into inf and top_p into 0 (NaN probabilities);
+        # both already mean "the most likely token", which is what they become.
+        temperature = body.temperature or 0.0
+        temperature = 0.0 if temperature < MIN_TEMPERATURE else temperature
+        top_p = 1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P)
+        try:
+            params = SamplingParams(temperature, body.top_k or 0, top_p, body.seed)
+        except MtplabError as exc:
+            raise APIError(400, str(exc)) from None
+        stops = body.stop_strings()
+
+        def start():
+            return stream_pieces(model, tokenizer, prompt, max_tokens, params, body.speculative,
+                                 body.n_draft, stops, decode_fn)
+        return start, max_tokens
+
+    def submit(start: Callable) -> Ticket:
+        try:
+            return worker().submit(start)
+        except QueueFull as exc:
+            raise APIError(429, f"the server is busy: {exc}", type="rate_limit_error",
+                           code="queue_full") from None
+
+    async def respond(request: Request, body: _Sampling, prompt: list[int], max_tokens: int | None,
+                      chat: bool):
+        start, max_tokens = plan(body, prompt, max_tokens)
+        ticket = submit(start)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": model_name}
+        usage = _usage_for(len(prompt))
+
+        def chunk(piece: Piece) -> dict:
+            choice = {"index": 0, "logprobs": None, "finish_reason": piece.finish_reason}
+            if chat:
+                choice["delta"] = {"content": piece.text} if piece.text or not piece.finish_reason else {}
+            else:
+                choice["text"] = piece.text
+            out = {**head, "choices": [choice], "mtplab": piece.extension()}
+            if piece.finish_reason:
+                out["usage"] = usage(piece)
+                out["mtplab"].update(_summary(piece, body))
+            return out
+
+        if body.stream:
+            return EventStream(_events(ticket, chunk, chat, head), on_close=ticket.cancel)
+        pieces = await _collect(request, ticket)
+        if pieces is None:  # the client went away; nobody reads this
+            return JSONResponse({}, status_code=499)
+        text = "".join(p.text for p in pieces)
+        last = pieces[-1]
+        choice = {"index": 0, "logprobs": None, "finish_reason": last.finish_reason}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {**head, "object": "chat.completion" if chat else "text_completion",
+                "choices": [choice], "usage": usage(last), "mtplab": _summary(last, body, pieces)}
+
+    @router.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "one prompt per request", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = await asyncio.to_thread(tokenizer.encode, prompt)
+        else:
+            ids = prompt
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
+        return await respond(request, body, ids, body.max_tokens, chat=False)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        check_model(body.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        try:
+            text = tokenizer.render_chat(messages)
+        except MtplabError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        ids = await asyncio.to_thread(tokenizer.encode, text)
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await respond(request, body, ids, limit, chat=True)
+
+    app.include_router(router)
+    return app
+
+
+def _usage_for(prompt_tokens: int) -> Callable[[Piece], dict]:
+    def usage(piece: Piece) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": piece.completion_tokens,
+                "total_tokens": prompt_tokens + piece.completion_tokens}
+    return usage
+
+
+def _summary(last: Piece, body: _Sampling, pieces: list[Piece] | None = None) -> dict:
+    """The request's speculation figures, sent with the final chunk or answer."""
+    out = {"tau": round(last.tau, 4), "tokens_per_s": round(last.tokens_per_s, 2),
+           "acceptance_by_position": [round(a, 4) for a in last.stats.acceptance_by_position]}
+    if pieces is not None:
+        out["accepted"] = [a for p in pieces for a in p.accepted]
+        out["accepted_tokens"] = sum(out["accepted"])
+    return out
+
+
+async def _events(ticket: Ticket, chunk: Callable[[Piece], dict], chat: bool, head: dict):
+    if chat:  # as OpenAI: the first chunk opens the assistant's message
+        yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
+    try:
+        while True:
+            item = await ticket.get()
+            if item is Ticket.END:
+                break
+            yield sse(chunk(item))
+            if item.finish_reason:
+                ticket.completed = True
+                break
+    except MtplabError as exc:
+        yield sse(error_body(str(exc)))
+    # a bug (the worker logged it); the response has begun, so the stream itself must say so
+    except Exception as exc:  # noqa: BLE001
+        yield sse(error_body(f"internal error: {type(exc).__name__}", type="server_error"))
+    yield "data: [DONE]\n\n"
+
+
+async def _collect(request: Request, ticket: Ticket) -> list[Piece] | None:
+    """All pieces of a non-streaming answer; None if the client disconnects first."""
+    pieces: list[Piece] = []
+    loop = asyncio.get_running_loop()
+    check_at = loop.time() + DISCONNECT_POLL_S
+    try:
+        while True:
+            get = asyncio.ensure_future(ticket.get())
+            while True:  # pieces may come faster than the poll: check on the clock, not on silence
+                done, _ = await asyncio.wait({get}, timeout=max(0.0, check_at - loop.time()))
+                if loop.time() >= check_at:
+                    check_at = loop.time() + DISCONNECT_POLL_S
+                    if await request.is_disconnected():
+                        get.cancel()
+                        return None
+                if done:
+                    break
+            try:
+                item = get.result()
+            except MtplabError as exc:
+                raise APIError(400, str(exc)) from None
+            if item is Ticket.END:
+                return pieces
+            pieces.append(item)
+            if item.finish_reason:
+                ticket.completed = True
+                return pieces
+    finally:
+        ticket.cancel()

@@ -1,0 +1,55 @@
+"""Run the app with uvicorn on a socket we bind ourselves, so that a port in use or a bad host is
+one clear error before the model loads, not a log line from inside uvicorn."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from ..errors import MtplabError
+
+
+def bind(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:
+        raise MtplabError(f"port must be between 0 and 65535, got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise MtplabError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart while old sockets linger
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "is in use" if exc.errno in (98, 48) else f"cannot be bound: {exc.strerror}"
+        raise MtplabError(f"port {port} on {host} {reason}") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          model_name: str | None = None, max_queue: int = 64, max_active: int = 16,
+          device: str = "cpu", log_level: str = "info") -> None:
+    import uvicorn
+
+    from ..interop.checkpoint import load_model
+    from .app import create_app
+
+    if max_queue < 0 or max_active < 1:
+        raise MtplabError("--max-queue must be >= 0 and --max-active >= 1")
+    if api_key is not None and not api_key.strip():
+        raise MtplabError("--api-key must not be empty")
+    sock = bind(host, port)
+    try:
+        model, tokenizer = load_model(checkpoint, device)
+        name = model_name or Path(checkpoint).resolve().name
+        app = create_app(model, tokenizer, name, api_key, max_queue, max_active)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"mtplab serve: model {name!r} ({model.num_parameters() / 1e6:.1f}M parameters, "
+            f"{model.n_future} head(s)) at http://{shown}:{sock.getsockname()[1]}/ "
+            f"(chat page at /, OpenAI API at /v1){'; API key required' if api_key else ''}", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
