@@ -28,9 +28,10 @@ CONFIG, WEIGHTS, TOKENIZER, TRAINER_STATE = "config.json", "model.safetensors", 
 
 def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokenizer,
                     run_config: dict[str, Any] | None = None, trainer_state: dict | None = None,
-                    step: int = 0) -> None:
+                    step: int = 0, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """`weights` replaces the model's own state dict (a sharded model's gathered copy)."""
     directory = Path(directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (weights or model.state_dict()).items()}
     # Trainer state first, weights next, config last: a crash in between leaves a step mismatch
     # that `--resume` detects, never a config that points at missing files.
     if trainer_state is not None:

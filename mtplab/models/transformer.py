@@ -16,6 +16,8 @@ HEAD_FAMILIES = {"parallel": ParallelHeads, "sequential": SequentialHeads, "medu
 
 
 class Transformer(nn.Module):
+    stack_heads = True  # batch one-block heads at inference (off while FSDP shards the weights)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.vocab_size < 1:
@@ -93,7 +95,8 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         mask = AttentionMask(start, ids.size(1), ids.device)
         h = self.trunk(ids, mask, cache)
-        if hasattr(self.heads, "hidden_all") and n_heads > 1 and not torch.is_grad_enabled():
+        if (self.stack_heads and hasattr(self.heads, "hidden_all") and n_heads > 1
+                and not torch.is_grad_enabled()):
             out = self.heads.hidden_all(n_heads, h, self.rotary, mask, cache)
         else:
             out, prev = [], h

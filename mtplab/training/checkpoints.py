@@ -51,7 +51,7 @@ def remove_partial_writes(out_dir: Path) -> None:
 
 
 def save_step(out_dir: Path, step: int, model, tokenizer, run_config: dict, trainer_state: dict,
-              keep: int = 2) -> Path:
+              keep: int = 2, weights: dict | None = None) -> Path:
     """Write checkpoints/step-N atomically, point the top-level files at it, drop all but the
     newest `keep` steps (0 keeps every step). Returns the step directory."""
     root = Path(out_dir) / CHECKPOINTS
@@ -65,7 +65,7 @@ def save_step(out_dir: Path, step: int, model, tokenizer, run_config: dict, trai
     except OSError as exc:
         raise MtplabError(f"cannot write a checkpoint in {root}: {exc.strerror or exc}") from None
     try:
-        save_checkpoint(tmp, model, tokenizer, run_config, trainer_state, step)
+        save_checkpoint(tmp, model, tokenizer, run_config, trainer_state, step, weights)
         fsync_dir(tmp)
         if final.exists():  # the same step saved again (a resumed run's last step): replace it
             shutil.rmtree(final)

@@ -86,3 +86,40 @@ def sum_gradients(ranks: Ranks, model: torch.nn.Module) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def shard(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> None:
+    """FSDP2: every transformer block, then the rest of the model, sharded over the ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ..models.layers import Block
+
+    mesh = init_device_mesh(device.type, (ranks.world,))
+    for module in model.modules():
+        if isinstance(module, Block):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.stack_heads = False  # the batched inference path reads whole weights, which FSDP splits
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Whole (unsharded) model and optimizer state dicts, on the CPU of rank 0; every rank must call."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Scatter a whole optimizer state dict (as `full_state` made it) into a sharded optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def to_float(value: torch.Tensor) -> float:
+    """A scalar that may be a DTensor (FSDP's gradient norm) as a Python float."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)

@@ -83,3 +83,21 @@ def backward_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, 
     if trunk_out.grad is not None and h.requires_grad:  # a frozen trunk needs no backward
         h.backward(trunk_out.grad)
     return losses
+
+
+def backward_all_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, weights: list[float],
+                       scale: float = 1.0, autocast=contextlib.nullcontext,
+                       counts: list[int] | None = None) -> list[float]:
+    """The same gradients and return value as `backward_heads`, from one forward through the model
+    and one backward: every head's logits are alive at once. FSDP needs this form (its hooks run
+    on the model's own forward)."""
+    with autocast():
+        all_logits = model(ids)
+    total_loss, losses = 0.0, []
+    for k, logits in enumerate(all_logits):
+        total, count = head_loss(logits, labels, k)
+        mean = total / max(count if counts is None else counts[k], 1)
+        losses.append(mean.item())
+        total_loss = total_loss + mean * weights[k]
+    (total_loss * scale).backward()
+    return losses

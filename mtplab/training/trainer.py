@@ -28,7 +28,7 @@ from ..models.transformer import Transformer
 from . import distributed
 from .checkpoints import load_latest, remove_partial_writes, save_step, step_dirs
 from .faults import NonFiniteGuard, StopSignals
-from .losses import backward_heads, evaluate_heads, label_counts
+from .losses import backward_all_heads, backward_heads, evaluate_heads, label_counts
 from .schedules import lr_multiplier
 
 METRICS, LOSS_PLOT = "metrics.jsonl", "loss.png"
@@ -165,13 +165,20 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
     if t_cfg.freeze_trunk:  # Medusa-1: the base model stays as it is, only the heads learn
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("heads."))
+    sharded = ranks.active and t_cfg.parallel == "fsdp"
+    if checkpoint is not None:
+        load_state(model, checkpoint[1], checkpoint[3] / WEIGHTS)
+    if sharded:
+        distributed.shard(model, ranks, device)
     optimizer = make_optimizer(model, config)
     start, guard = 0, NonFiniteGuard(t_cfg.max_nonfinite_steps)
     last_good = "none (no step was saved)"
     if checkpoint is not None:
-        start, weights, state, directory = checkpoint
-        load_state(model, weights, directory / WEIGHTS)
-        optimizer.load_state_dict(state["optimizer"])
+        start, _, state, directory = checkpoint
+        if sharded:
+            distributed.load_optimizer(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         dataset.train.load_state_dict(state["data"])
         _restore_rng(state["rng"])
         guard.skipped = state.get("nonfinite_steps", 0)
@@ -184,13 +191,21 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
     run_config = config.to_dict()
     result = TrainResult(model, dataset, out_dir, start, main=ranks.main)
     rows = ranks.rows(t_cfg.batch_size)
+    step_backward = backward_all_heads if sharded else backward_heads
+    # FSDP averages gradients over ranks; the losses are already shares of the global mean
+    grad_scale = (ranks.world if sharded else 1) / t_cfg.grad_accum
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def save(step: int) -> str:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+        """Rank 0 writes; under FSDP every rank first takes part in gathering the shards."""
+        model_state, optimizer_state = (distributed.full_state(model, optimizer) if sharded
+                                        else (None, optimizer.state_dict()))
+        if not ranks.main:
+            return last_good
+        state = {"step": step, "optimizer": optimizer_state, "rng": _rng_state(),
                  "data": dataset.train.state_dict(), "nonfinite_steps": guard.skipped}
         directory = save_step(out_dir, step, model, dataset.tokenizer, run_config, state,
-                              t_cfg.keep_checkpoints)
+                              t_cfg.keep_checkpoints, model_state)
         plot_losses(out_dir / METRICS, out_dir / LOSS_PLOT)
         return str(directory)
 
@@ -200,8 +215,9 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
             losses = evaluate_heads(model, dataset.eval.eval_batches(t_cfg.eval_batches))
         model.train()
         result.eval_head_losses = losses
-        _append(out_dir / METRICS, {"step": step, "eval_loss": _weighted(losses, weights),
-                                    "eval_head_losses": losses})
+        if ranks.main:
+            _append(out_dir / METRICS, {"step": step, "eval_loss": _weighted(losses, weights),
+                                        "eval_head_losses": losses})
 
     bar = tqdm(total=t_cfg.steps, initial=start, disable=not progress, unit="step",
                desc=f"train {model.num_parameters() / 1e6:.2f}M", dynamic_ncols=True)
@@ -219,20 +235,20 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
                 ids, labels = dataset.train.next(rows)
                 ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 counts = distributed.sum_(ranks, label_counts(labels, model.n_future)).tolist()
-                micro = backward_heads(model, ids, labels, weights, 1.0 / t_cfg.grad_accum, autocast,
-                                       counts)
+                micro = step_backward(model, ids, labels, weights, grad_scale, autocast, counts)
                 head_losses = [a + b / t_cfg.grad_accum for a, b in zip(head_losses, micro)]
                 window_tokens += ids.numel() * ranks.world
-            distributed.sum_gradients(ranks, model)
+            if not sharded:  # FSDP reduces the gradients itself, during backward
+                distributed.sum_gradients(ranks, model)
             # one all-reduce for the losses and the stop flag, so that every rank decides alike
             shared = distributed.sum_(ranks, torch.tensor(head_losses + [float(bool(signals.received))],
                                                           dtype=torch.float64))
             head_losses, stop = shared[:-1].tolist(), bool(shared[-1])
             grads = [p.grad for p in trainable if p.grad is not None]
             if t_cfg.clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t_cfg.clip))
+                grad_norm = distributed.to_float(torch.nn.utils.clip_grad_norm_(trainable, t_cfg.clip))
             else:
-                grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+                grad_norm = distributed.to_float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             done = step + 1
             if guard.check(done, head_losses, grad_norm, last_good):
                 optimizer.step()
@@ -254,9 +270,9 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
                 _append(out_dir / METRICS, row)
                 bar.set_postfix(loss=f"{loss:.3f}", head0=f"{head_losses[0]:.3f}", tok_s=f"{tok_s:,.0f}")
             scheduled = done % t_cfg.eval_every == 0 or done == t_cfg.steps
-            if ranks.main and scheduled:
+            if scheduled and (ranks.main or sharded):
                 evaluate(done)
-            if ranks.main and (scheduled or stop):
+            if (scheduled or stop) and (ranks.main or sharded):
                 last_good = save(done)
             if stop:
                 result.stopped_by = signals.name or "a stop signal on another rank"

@@ -1,7 +1,9 @@
-"""Data parallelism: torchrun with 2 gloo processes on the CPU follows the 1-process run."""
+"""Data parallelism (DDP-style replicas and FSDP2 shards): torchrun with 2 gloo processes on the
+CPU follows the 1-process run."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,31 +18,37 @@ from mtplab.training import distributed
 from tests.conftest import ROOT, TINY
 
 SETTINGS = ["train.steps=6", "train.batch_size=8", "train.grad_accum=2", "train.log_every=1",
-            "train.eval_every=6", "data.n_train=400", "data.n_eval=16"]
+            "train.eval_every=3", "train.keep_checkpoints=0", "data.n_train=400", "data.n_eval=16"]
 
 
 def torchrun(nproc, out, *settings):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "mtplab", "train", "--recipe", str(TINY), "--out", str(out), "--quiet"]
-    for s in SETTINGS + list(settings):
+    for s in SETTINGS + [s for s in settings if s != "--resume"]:
         cmd += ["--set", s]
+    cmd += ["--resume"] if "--resume" in settings else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("data_format", ["chat", "lm"])
-def test_two_gloo_processes_match_one_process(tmp_path, data_format):
-    one = torchrun(1, tmp_path / "one", f"data.format={data_format}")
-    two = torchrun(2, tmp_path / "two", f"data.format={data_format}")
+@pytest.mark.parametrize(("data_format", "parallel"), [("chat", "ddp"), ("lm", "ddp"), ("chat", "fsdp")])
+def test_two_gloo_processes_match_one_process(tmp_path, data_format, parallel):
+    settings = [f"data.format={data_format}", f"train.parallel={parallel}"]
+    one = torchrun(1, tmp_path / "one", *settings)
+    two = torchrun(2, tmp_path / "two", *settings)
     curve = lambda rows: [(r["step"], r["head_losses"]) for r in rows if "head_losses" in r]  # noqa: E731
     assert [s for s, _ in curve(one)] == [s for s, _ in curve(two)] == list(range(1, 7))
     for (_, a), (_, b) in zip(curve(one), curve(two)):
         assert a == pytest.approx(b, abs=1e-5)
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert not (tmp_path / "two" / "checkpoints" / "step-000006" / "rank1").exists()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    if parallel == "fsdp":  # gathered shards resume into shards: bit-identical to going straight on
+        shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-000006")
+        torchrun(2, tmp_path / "two", *settings, "--resume")
+        c = load_file(tmp_path / "two" / "model.safetensors")
+        assert all(torch.equal(b[k], c[k]) for k in b)
 
 
 def test_the_global_batch_must_split_evenly():
