@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import MtplabError
 
@@ -41,7 +42,11 @@ class SamplingParams:
 def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[..., V] logits -> [..., V] probabilities after temperature, top-k and top-p."""
     # at least fp32 (bf16/fp16 logits are upcast); fp64 stays fp64
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / params.temperature
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if torch.tensor(params.temperature, dtype=logits.dtype) == 0:  # below the dtype's range: greedy
+        return F.one_hot(logits.argmax(-1), logits.size(-1)).to(logits.dtype)
+    # shift the maximum to 0 before dividing: a tiny temperature then gives -inf, never inf - inf
+    logits = (logits - logits.max(-1, keepdim=True).values) / params.temperature
     if params.top_k > 0 and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -50,7 +55,9 @@ def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        drop = before >= params.top_p
+        drop[..., 0] = False  # even when top_p underflows the dtype
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs

@@ -80,3 +80,12 @@ def test_streamed_text_joins_to_the_full_decode(tiny_run):
     emoji = tok.encode("🙂 ok")
     assert len(emoji) > 2  # a character split over byte tokens
     assert "".join(decoder.feed([i]) for i in emoji) == "🙂 ok"
+
+
+def test_extreme_temperature_and_top_p_still_give_a_distribution():
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    for params in (SamplingParams(temperature=1e-300), SamplingParams(temperature=1.0, top_p=1e-50)):
+        probs = next_token_probs(logits, params)
+        assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0]])), params
+    huge = next_token_probs(logits, SamplingParams(temperature=1e30))
+    assert torch.allclose(huge, torch.full_like(huge, 0.25))
