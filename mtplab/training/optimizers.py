@@ -8,8 +8,8 @@ singular values come out in roughly [0.7, 1.2] rather than exactly 1, which is w
 Aurora (Tilde Research, seed 002's matrix optimizer) is Muon plus row-norm balancing: the polar
 factor of a tall matrix has orthonormal *columns*, so its rows (one per output neuron) can have very
 unequal norms and some neurons barely move. Aurora alternates the polar step with a step that pulls
-every row norm towards their mean (2 rounds, strength beta = 0.5). Wide and square matrices already
-have unit rows after the polar step, so for them Aurora is Muon.
+every row norm towards their mean (2 rounds, strength beta = 0.5). A wide matrix's polar factor has
+orthonormal rows, so balancing changes it little; square matrices are left exactly as Muon's.
 
 Both scale the update by sqrt(max(1, rows/cols)) and use decoupled weight decay. Embeddings, the
 unembedding, norms and scalars are not "hidden matrices" and go to AdamW with their own learning rate.
