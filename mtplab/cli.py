@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("ablate", help="seed 002's nine-run table: TST x MTP heads, reset, cosine")
+    p.add_argument("recipe", help="TOML recipe, e.g. recipes/aomts-ablation.toml")
+    p.add_argument("--out", required=True, help="directory: one run per row, ablation.md/.json, plot")
+    p.add_argument("--steps", type=int, default=None, help="steps per row (default: the recipe's)")
+    p.add_argument("--rows", default=None, help="comma-separated row names (default: all nine)")
+    p.add_argument("--data", default=None, help="text corpus to train on (default: the recipe's data)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("demo", help="train and evaluate on built-in arithmetic problems (minutes, CPU)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -222,6 +231,15 @@ def cmd_info(args) -> None:
     print(json.dumps(summary) if args.json else format_summary(summary, config))
 
 
+def cmd_ablate(args) -> None:
+    from .ablation import run_ablation
+
+    report = run_ablation(args.recipe, args.out, args.steps, args.rows, args.data, args.overrides,
+                          progress=not args.quiet)
+    print(open(f"{args.out}/ablation.md").read(), end="")
+    del report
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -229,7 +247,8 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
-            "bench": cmd_bench, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}
+            "bench": cmd_bench, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
+            "ablate": cmd_ablate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,6 +154,14 @@ class TrainConfig:
     keep_checkpoints: int = 2  # step directories kept under checkpoints/ (0: all)
     max_nonfinite_steps: int = 10  # consecutive skipped non-finite steps before the run gives up
     parallel: str = "ddp"  # under torchrun: ddp (replicas, gradients summed) | fsdp (FSDP2 shards)
+    # Optimizer: adamw everywhere, or muon | aurora for hidden matrices (at matrix_lr) + AdamW (at lr)
+    optimizer: str = "adamw"
+    matrix_lr: float = 0.02
+    momentum: float = 0.95  # muon / aurora Nesterov momentum
+    # Token Superposition Training: the first tst_fraction of steps read bags of tst_bag tokens
+    tst_bag: int = 0  # 0: off; s >= 2 tokens averaged into each position during phase 1
+    tst_fraction: float = 0.3
+    tst_reset_optimizer: bool = False  # ablation: fresh optimizer state and LR schedule in phase 2
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
@@ -162,6 +170,12 @@ class TrainConfig:
             raise MtplabError(f"train.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise MtplabError(f"train.parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.optimizer not in ("adamw", "muon", "aurora"):
+            raise MtplabError(f"train.optimizer must be adamw, muon or aurora, got {self.optimizer!r}")
+        if self.tst_bag < 0 or self.tst_bag == 1:
+            raise MtplabError(f"train.tst_bag must be 0 (off) or >= 2, got {self.tst_bag}")
+        if not 0.0 < self.tst_fraction < 1.0:
+            raise MtplabError(f"train.tst_fraction must be between 0 and 1, got {self.tst_fraction}")
         if self.keep_checkpoints < 0 or self.max_nonfinite_steps < 1:
             raise MtplabError("train.keep_checkpoints must be >= 0 and train.max_nonfinite_steps >= 1")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:

@@ -58,9 +58,13 @@ class PackedBatches:
         start = i * self.seq_len
         return torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
 
+    def next_windows(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The next batch's raw [B, seq_len+1] windows, or only `rows` of them."""
+        return torch.stack([self._window(i) for i in self.sampler.take(self.batch_size)[rows]])
+
     def next(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch, or only `rows` of it (a data-parallel rank's share)."""
-        windows = torch.stack([self._window(i) for i in self.sampler.take(self.batch_size)[rows]])
+        windows = self.next_windows(rows)
         return windows[:, :-1], windows[:, 1:]  # [B, T] inputs, [B, T] labels
 
     def eval_batches(self, max_batches: int):

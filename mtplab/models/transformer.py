@@ -51,11 +51,13 @@ class Transformer(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.wte(ids)
 
-    def trunk(self, ids: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
-        """[B, T] ids -> [B, T, D] hidden states before the heads."""
-        x = self.wte(ids)
+    def trunk(self, ids: torch.Tensor | None, mask: AttentionMask, cache: KVCache | None = None,
+              embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] ids -> [B, T, D] hidden states before the heads. `embeds` ([B, T, D]) replaces the
+        token embedding, for inputs that are not single tokens (TST's averaged bags)."""
+        x = self.wte(ids) if embeds is None else embeds
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(mask.start, mask.start + ids.size(1), device=ids.device))
+            x = x + self.wpe(torch.arange(mask.start, mask.start + x.size(1), device=x.device))
         if self.config.dropout and self.training:
             x = F.dropout(x, self.config.dropout, True)
         for block in self.blocks:

@@ -1,5 +1,5 @@
-"""The training loop: AdamW with decay groups, warmup + cosine/WSD, accumulation, clipping,
-bf16 autocast where the hardware has it, periodic held-out evaluation, atomic rotating checkpoints,
+"""The training loop: AdamW or Muon/Aurora (optimizers.py), warmup + cosine/WSD, TST phase 1 (tst.py),
+accumulation, clipping, bf16 autocast where the hardware has it, periodic held-out evaluation, atomic rotating checkpoints,
 bit-exact `--resume`, data parallelism under torchrun, skipped non-finite steps, a clean stop on
 SIGINT/SIGTERM, metrics.jsonl, a progress bar and a loss plot."""
 
@@ -19,16 +19,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config
+from ..data.batches import PackedBatches
 from ..data.pipeline import Dataset, build_dataset
 from ..errors import MtplabError
 from ..evaluation.plots import plot_losses, read_metrics
 from ..interop.atomic import atomic_write_text
 from ..interop.checkpoint import TRAINER_STATE, WEIGHTS, load_base, load_state, load_tokenizer
 from ..models.transformer import Transformer
-from . import distributed
+from . import distributed, tst
 from .checkpoints import load_latest, remove_partial_writes, save_step, step_dirs
 from .faults import NonFiniteGuard, StopSignals
 from .losses import backward_all_heads, backward_heads, evaluate_heads, label_counts
+from .optimizers import make_optimizer
 from .schedules import lr_multiplier
 
 METRICS, LOSS_PLOT = "metrics.jsonl", "loss.png"
@@ -65,16 +67,6 @@ def autocast_for(device: torch.device, dtype: str):
     if not use_bf16:
         return contextlib.nullcontext
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
-
-
-def make_optimizer(model: Transformer, config: Config) -> torch.optim.AdamW:
-    """Weight decay on matrices (embeddings included), none on norms, biases and scalars."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    t = config.train
-    groups = [{"params": decay, "weight_decay": t.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
 def seed_everything(seed: int) -> None:
@@ -157,15 +149,27 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
         if t_cfg.init_from:  # the base model's tokenizer, so that its weights mean the same ids
             tokenizer = load_tokenizer(t_cfg.init_from)
 
+    tst.check_config(config)
     dataset = build_dataset(config, out_dir, tokenizer)
     resolve_vocab(config, dataset.tokenizer.vocab_size)
     model = Transformer(config.model).to(device)
+    phase1 = tst.phase1_steps(config)
+    superposed = None  # phase 1's batches: longer windows of the same token stream
+    if phase1:
+        window = tst.window_length(config.data.seq_len, t_cfg.tst_bag, model.n_future)
+        try:
+            superposed = PackedBatches(dataset.train.tokens, window - 1, t_cfg.batch_size, t_cfg.seed)
+        except ValueError as exc:
+            raise MtplabError(f"data: TST phase 1 needs rows of {window} tokens: {exc}") from None
     if t_cfg.init_from and checkpoint is None:
         load_base(model, t_cfg.init_from)
     if t_cfg.freeze_trunk:  # Medusa-1: the base model stays as it is, only the heads learn
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("heads."))
     sharded = ranks.active and t_cfg.parallel == "fsdp"
+    if sharded and (phase1 or t_cfg.optimizer != "adamw"):
+        raise MtplabError("train.parallel = fsdp supports AdamW without TST for now (Muon/Aurora need "
+                          "whole matrices, TST's phase 1 its own forward): use ddp")
     if checkpoint is not None:
         load_state(model, checkpoint[1], checkpoint[3] / WEIGHTS)
     if sharded:
@@ -180,6 +184,8 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
         else:
             optimizer.load_state_dict(state["optimizer"])
         dataset.train.load_state_dict(state["data"])
+        if superposed is not None and "tst_data" in state:
+            superposed.load_state_dict(state["tst_data"])
         _restore_rng(state["rng"])
         guard.skipped = state.get("nonfinite_steps", 0)
         last_good = str(directory)
@@ -204,6 +210,8 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
             return last_good
         state = {"step": step, "optimizer": optimizer_state, "rng": _rng_state(),
                  "data": dataset.train.state_dict(), "nonfinite_steps": guard.skipped}
+        if superposed is not None:
+            state["tst_data"] = superposed.state_dict()
         directory = save_step(out_dir, step, model, dataset.tokenizer, run_config, state,
                               t_cfg.keep_checkpoints, model_state)
         plot_losses(out_dir / METRICS, out_dir / LOSS_PLOT)
@@ -226,18 +234,31 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
     window_tokens = 0
     with StopSignals() as signals:
         for step in range(start, t_cfg.steps):
-            lr = t_cfg.lr * lr_multiplier(step, t_cfg.steps, t_cfg.warmup_steps, t_cfg.schedule,
-                                          t_cfg.min_lr_ratio, t_cfg.decay_fraction)
+            reset = t_cfg.tst_reset_optimizer and phase1 > 0
+            if reset and step == phase1:  # the ablation: phase 2 starts from a fresh optimizer
+                optimizer = make_optimizer(model, config)
+            # a reset also restarts the schedule: phase 2 then warms up and decays on its own
+            offset = phase1 if reset and step >= phase1 else 0
+            mult = lr_multiplier(step - offset, t_cfg.steps - offset, t_cfg.warmup_steps,
+                                 t_cfg.schedule, t_cfg.min_lr_ratio, t_cfg.decay_fraction)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group.get("base_lr", t_cfg.lr) * mult
+            lr = t_cfg.lr * mult
             head_losses = [0.0] * model.n_future
             for _ in range(t_cfg.grad_accum):
-                ids, labels = dataset.train.next(rows)
-                ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                counts = distributed.sum_(ranks, label_counts(labels, model.n_future)).tolist()
-                micro = step_backward(model, ids, labels, weights, grad_scale, autocast, counts)
+                if step < phase1:
+                    raw = superposed.next_windows(rows).to(device, non_blocking=True)
+                    positions = raw.size(0) * config.data.seq_len
+                    counts = distributed.sum_(ranks, torch.tensor([positions] * model.n_future)).tolist()
+                    micro = tst.backward_tst(model, raw, t_cfg.tst_bag, weights, grad_scale, autocast, counts)
+                    window_tokens += (raw.size(1) - model.n_future) * raw.size(0) * ranks.world
+                else:
+                    ids, labels = dataset.train.next(rows)
+                    ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    counts = distributed.sum_(ranks, label_counts(labels, model.n_future)).tolist()
+                    micro = step_backward(model, ids, labels, weights, grad_scale, autocast, counts)
+                    window_tokens += ids.numel() * ranks.world
                 head_losses = [a + b / t_cfg.grad_accum for a, b in zip(head_losses, micro)]
-                window_tokens += ids.numel() * ranks.world
             if not sharded:  # FSDP reduces the gradients itself, during backward
                 distributed.sum_gradients(ranks, model)
             # one all-reduce for the losses and the stop flag, so that every rank decides alike
@@ -265,6 +286,8 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
                 loss = _weighted(head_losses, weights)
                 row = {"step": done, "loss": loss, "head_losses": head_losses, "lr": lr,
                        "tokens_per_s": tok_s}
+                if step < phase1:  # multi-hot losses over bags: not comparable with next-token CE
+                    row["tst"] = True
                 if guard.skipped:
                     row["nonfinite_steps"] = guard.skipped
                 _append(out_dir / METRICS, row)

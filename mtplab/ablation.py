@@ -1,0 +1,236 @@
+"""`mtplab ablate`: seed 002's nine-run table (TST x MTP depth, optimizer reset, cosine) on your data.
+
+Every row is the recipe plus a few overrides, trained for the same number of steps into an ordinary
+run directory `DIR/<row>/`; a finished row is skipped and an unfinished one resumed, so re-running the
+command after an interruption continues where it stopped. All rows share one BPE trained once on the
+training corpus (DIR/tokenizer.json), so their validation cross-entropies are in the same units.
+The score is the main head's held-out next-token CE in nats at the last step, as on the seed's card.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .config import Config, load_config
+from .errors import MtplabError
+from .evaluation.plots import read_metrics
+from .interop.atomic import atomic_write, atomic_write_text
+from .training.checkpoints import step_dirs
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    mtp_depth: int  # extra heads (model.n_future - 1)
+    tst: bool
+    schedule: str = "wsd"
+    reset: bool = False
+    seed_offset: int = 0  # a second seed of the same configuration
+    seed_loss: float | None = None  # seed 002's validation loss, for reference
+    seed_model: str = ""
+
+
+ROWS = [
+    Row("tst-1mtp", 1, True, seed_loss=2.204673, seed_model="AOMTS-TST-s6-100M-3k-1MTP-v1"),
+    Row("tst-0mtp", 0, True, seed_model="AOMTS-TST-s6-100M-3k-0MTP-v1"),  # the card gives no value
+    Row("tst-2mtp", 2, True, seed_loss=2.214605, seed_model="AOMTS-TST-s6-100M-3k-2MTP-v1"),
+    Row("base-1mtp", 1, False, seed_loss=2.276289, seed_model="AOMTS-Base-100M-3k-1MTP-v1"),
+    Row("base-2mtp", 2, False, seed_loss=2.284260, seed_model="AOMTS-Base-100M-3k-2MTP-v1"),
+    Row("base-0mtp", 0, False, seed_loss=2.287432, seed_model="AOMTS-Base-100M-3k-0MTP-v1-run2"),
+    Row("tst-0mtp-reset", 0, True, reset=True, seed_loss=2.302689,
+        seed_model="AOMTS-TST-s6-100M-3k-0MTP-RESET-v1"),
+    Row("base-1mtp-cosine", 1, False, schedule="cosine", seed_loss=2.354897,
+        seed_model="AOMTS-Base-100M-3k-1MTP-Cosine-v1"),
+    # The card's first base run; the same setting as base-0mtp, so the pair measures run-to-run noise.
+    Row("base-0mtp-seed2", 0, False, seed_offset=1, seed_loss=2.375539,
+        seed_model="AOMTS-Base-100M-3k-0MTP-v1"),
+]
+ROW_NAMES = [r.name for r in ROWS]
+
+# Seed 002's comparisons: (a, b) means the seed found a lower loss for a than for b.
+ORDERINGS = [
+    ("tst-1mtp", "base-0mtp", "TST + 1 head beats the plain baseline"),
+    ("tst-1mtp", "tst-2mtp", "with TST, 1 head beats 2"),
+    ("tst-2mtp", "base-1mtp", "TST + 2 heads beats every non-TST run"),
+    ("base-1mtp", "base-0mtp", "1 MTP head helps without TST"),
+    ("base-2mtp", "base-0mtp", "2 MTP heads help without TST"),
+    ("base-1mtp", "base-2mtp", "without TST, 1 head beats 2"),
+    ("tst-1mtp", "base-1mtp", "TST helps at 1 head"),
+    ("base-0mtp", "tst-0mtp-reset", "resetting the optimizer at the switch loses TST's gain"),
+    ("base-1mtp", "base-1mtp-cosine", "WSD beats cosine"),
+]
+
+
+def row_config(base: Config, row: Row, steps: int | None, tokenizer: Path) -> Config:
+    config = Config.from_dict(base.to_dict())
+    t = config.train
+    if steps is not None:
+        t.steps = steps
+        t.warmup_steps = min(t.warmup_steps, max(0, steps // 10))
+        t.eval_every = min(t.eval_every, steps)
+    config.model.n_future = row.mtp_depth + 1
+    bag = t.tst_bag or 6  # the recipe may set the bag size; the seed's is 6
+    t.tst_bag = bag if row.tst else 0
+    t.tst_reset_optimizer = row.reset
+    t.schedule = row.schedule
+    t.seed += row.seed_offset
+    config.tokenizer.path = str(tokenizer)
+    return config
+
+
+def select_rows(names: str | None) -> list[Row]:
+    if not names:
+        return list(ROWS)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in ROW_NAMES]
+    if unknown:
+        raise MtplabError(f"unknown ablation row {', '.join(unknown)}; rows: {', '.join(ROW_NAMES)}")
+    return [r for r in ROWS if r.name in wanted]
+
+
+def shared_tokenizer(config: Config, out_dir: Path) -> Path:
+    """Train the recipe's BPE once on the training corpus (or take the recipe's tokenizer)."""
+    from .data.pipeline import build_tokenizer, load_examples
+
+    path = out_dir / "tokenizer.json"
+    if config.tokenizer.path:
+        return Path(config.tokenizer.path)
+    if not path.exists():
+        train, _ = load_examples(config)
+        corpus = [ex if isinstance(ex, str) else f"{ex['question']}\n{ex['answer']}" for ex in train]
+        tokenizer = build_tokenizer(config, corpus)
+        tokenizer.save(out_dir)
+    return path
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    dirs = step_dirs(run_dir)
+    return bool(dirs) and dirs[-1][0] >= steps
+
+
+def final_eval(run_dir: Path) -> tuple[float | None, list[tuple[int, float]]]:
+    """The main head's held-out CE at the last evaluation, and the curve of all evaluations."""
+    curve = [(r["step"], r["eval_head_losses"][0]) for r in read_metrics(run_dir / "metrics.jsonl")
+             if "eval_head_losses" in r]
+    return (curve[-1][1] if curve else None), curve
+
+
+def run_ablation(recipe: str | Path, out_dir: str | Path, steps: int | None = None,
+                 rows: str | None = None, data: str | None = None, overrides: list[str] = (),
+                 progress: bool = True) -> dict:
+    """Train (or resume, or skip) every selected row, then write ablation.md, ablation.json and
+    loss_curves.png under `out_dir`. Returns the JSON report."""
+    from .training.trainer import train
+
+    out_dir = Path(out_dir)
+    overrides = list(overrides)
+    if data:  # a real text corpus: packed next-token data
+        overrides += ["data.source=text", f"data.path={data}", "data.format=lm"]
+    base = load_config(recipe, overrides)
+    if base.data.format != "lm":
+        raise MtplabError("ablate needs packed text (data.format = \"lm\"): TST reads bags of tokens")
+    if steps is not None and steps < 1:
+        raise MtplabError("--steps must be >= 1")
+    selected = select_rows(rows)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MtplabError(f"cannot create {out_dir}: {exc.strerror}") from None
+    tokenizer = shared_tokenizer(base, out_dir)
+    t0 = time.perf_counter()
+    results = []
+    bar = tqdm(selected, desc="ablation", unit="row", disable=not progress, position=0)
+    for row in bar:
+        bar.set_postfix_str(row.name)
+        config = row_config(base, row, steps, tokenizer)
+        run_dir = out_dir / row.name
+        seconds, status = 0.0, "skipped (finished)"
+        if not finished(run_dir, config.train.steps):
+            resume = run_dir.exists()
+            result = train(config, run_dir, resume=resume, progress=progress)
+            seconds, status = result.seconds, "resumed" if resume else "trained"
+            if result.stopped_by:
+                raise MtplabError(f"stopped by {result.stopped_by} during {row.name}; re-run the same "
+                                  "command to continue")
+        loss, curve = final_eval(run_dir)
+        results.append({"row": row.name, "mtp_depth": row.mtp_depth, "tst": row.tst,
+                        "tst_bag": config.train.tst_bag, "schedule": row.schedule, "reset": row.reset,
+                        "seed": config.train.seed, "steps": config.train.steps, "val_loss": loss,
+                        "seed_002_loss": row.seed_loss, "seed_002_model": row.seed_model,
+                        "seconds": round(seconds, 1), "status": status, "curve": curve,
+                        "run_dir": str(run_dir)})
+    bar.close()
+    report = {"recipe": str(recipe), "data": data or base.data.path or base.data.source,
+              "steps": results[0]["steps"] if results else steps, "seconds": round(time.perf_counter() - t0, 1),
+              "rows": sorted(results, key=_sort_key), "orderings": check_orderings(results)}
+    atomic_write_text(out_dir / "ablation.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out_dir / "ablation.md", format_table(report))
+    plot_curves(report, out_dir / "loss_curves.png")
+    return report
+
+
+def _sort_key(r: dict) -> tuple:
+    return (r["val_loss"] is None, r["val_loss"] if r["val_loss"] is not None else 0.0)
+
+
+def check_orderings(results: list[dict]) -> list[dict]:
+    loss = {r["row"]: r["val_loss"] for r in results}
+    out = []
+    for a, b, claim in ORDERINGS:
+        if loss.get(a) is None or loss.get(b) is None:
+            continue
+        out.append({"claim": claim, "lower": a, "higher": b, "reproduced": loss[a] < loss[b],
+                    "margin": round(loss[b] - loss[a], 4)})
+    return out
+
+
+def format_table(report: dict) -> str:
+    lines = [f"# Ablation: {report['recipe']} on {report['data']}, {report['steps']} steps per row",
+             "",
+             "Main head's held-out next-token cross-entropy (nats), lower is better; sorted like seed "
+             "002's table. The seed's numbers (100M parameters, 3,000 steps, Wikipedia) are beside "
+             "for reference, not for direct comparison.",
+             "",
+             "| row | MTP depth | TST | schedule | optim reset | val CE (nats) | seed 002 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        tst = f"yes (s={r['tst_bag']})" if r["tst"] else "no"
+        loss = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "—"
+        seed = f"{r['seed_002_loss']:.4f}" if r["seed_002_loss"] is not None else "—"
+        lines.append(f"| {r['row']} | {r['mtp_depth']} | {tst} | {r['schedule'].upper()} | "
+                     f"{'yes' if r['reset'] else ''} | {loss} | {seed} |")
+    if report["orderings"]:
+        lines += ["", "Seed 002's orderings at this scale:", ""]
+        for o in report["orderings"]:
+            mark = "reproduced" if o["reproduced"] else "not reproduced"
+            lines.append(f"- {o['claim']} ({o['lower']} < {o['higher']}): {mark}, "
+                         f"margin {o['margin']:+.4f}")
+    lines += ["", f"Wall time of this invocation: {report['seconds'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(report: dict, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, r in enumerate(report["rows"]):
+        if r["curve"]:
+            steps, losses = zip(*r["curve"])
+            ax.plot(steps, losses, marker="o" if len(steps) < 30 else None, color=f"C{i}",
+                    markersize=3, linestyle="--" if r["tst"] else "-", label=r["row"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out CE of the main head (nats)")
+    ax.set_title("mtplab ablate (dashed: TST)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)

@@ -1,0 +1,138 @@
+"""Optimizers: AdamW everywhere, or Muon / Aurora for the hidden matrices with AdamW for the rest.
+
+Muon (Keller Jordan's, as in modded-nanogpt): Nesterov momentum, then the update is replaced by an
+approximation of its polar factor (U V^T of its SVD) from 5 Newton–Schulz iterations with the
+quintic coefficients (3.4445, -4.7750, 2.0315). Those coefficients trade exactness for speed: the
+singular values come out in roughly [0.7, 1.2] rather than exactly 1, which is what Muon wants.
+
+Aurora (Tilde Research, seed 002's matrix optimizer) is Muon plus row-norm balancing: the polar
+factor of a tall matrix has orthonormal *columns*, so its rows (one per output neuron) can have very
+unequal norms and some neurons barely move. Aurora alternates the polar step with a step that pulls
+every row norm towards their mean (2 rounds, strength beta = 0.5). A wide matrix's polar factor has
+orthonormal rows, so balancing changes it little; square matrices are left exactly as Muon's.
+
+Both scale the update by sqrt(max(1, rows/cols)) and use decoupled weight decay. Embeddings, the
+unembedding, norms and scalars are not "hidden matrices" and go to AdamW with their own learning rate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Parameters that map tokens to vectors or vectors to tokens: AdamW's, whatever their shape.
+VOCAB_MATRICES = ("wte.", "wpe.", "lm_head.", "heads.lm_heads.")
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate polar factor of a 2-D matrix (singular values pushed towards 1)."""
+    a, b, c = NS_COEFFS
+    x = g.float() / (g.float().norm() + eps)  # spectral norm <= Frobenius norm <= 1: inside the basin
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def balance_rows(x: torch.Tensor, beta: float = 0.5, eps: float = 1e-7) -> torch.Tensor:
+    """Scale each row by (mean row norm / its norm)^beta: beta = 1 equalises, 0 does nothing."""
+    norms = x.norm(dim=1, keepdim=True)
+    return x * ((norms.mean() + eps) / (norms + eps)) ** beta
+
+
+def orthogonal_update(g: torch.Tensor, kind: str, steps: int = 5, rounds: int = 2,
+                      beta: float = 0.5) -> torch.Tensor:
+    """The direction Muon ('muon') or Aurora ('aurora') applies for gradient-momentum g."""
+    x = newton_schulz(g, steps)
+    if kind == "aurora" and x.size(0) != x.size(1):
+        for _ in range(rounds):
+            x = newton_schulz(balance_rows(x, beta), steps)
+            x = balance_rows(x, beta)
+    return x * max(1.0, g.size(0) / g.size(1)) ** 0.5
+
+
+class MatrixOptimizer(torch.optim.Optimizer):
+    """One optimizer, two kinds of parameter group: `kind = 'muon' | 'aurora'` groups take the
+    orthogonalised momentum update, `kind = 'adamw'` groups take AdamW. One object keeps the
+    trainer, its checkpoints and `--resume` unaware of the split."""
+
+    def __init__(self, groups: list[dict], lr: float = 0.02, momentum: float = 0.95,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+        defaults = dict(lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay,
+                        kind="adamw")
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["kind"] == "adamw":
+                    self._adamw(p, group)
+                else:
+                    self._matrix(p, group)
+        return loss
+
+    def _matrix(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(p.grad)
+        nesterov = p.grad.add(buf, alpha=group["momentum"])
+        update = orthogonal_update(nesterov, group["kind"]).to(p.dtype)
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"])
+
+    def _adamw(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        t = float(state["step"])
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    return p.dim() == 2 and not name.startswith(VOCAB_MATRICES)
+
+
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """train.optimizer = 'adamw': AdamW, decay on matrices (embeddings included), none on norms,
+    biases and scalars. 'muon' | 'aurora': hidden matrices at train.matrix_lr, the rest AdamW at
+    train.lr. Every group records its `base_lr`; the schedule multiplies it."""
+    t = config.train
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if t.optimizer == "adamw":
+        groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": t.weight_decay},
+                  {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+        for g in groups:
+            g["base_lr"] = t.lr
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+    matrices = [p for n, p in named if is_hidden_matrix(n, p)]
+    vocab = [p for n, p in named if not is_hidden_matrix(n, p) and p.dim() >= 2]
+    small = [p for _, p in named if p.dim() < 2]
+    groups = [{"params": matrices, "kind": t.optimizer, "lr": t.matrix_lr, "base_lr": t.matrix_lr,
+               "weight_decay": t.weight_decay},
+              {"params": vocab, "kind": "adamw", "lr": t.lr, "base_lr": t.lr,
+               "weight_decay": t.weight_decay},
+              {"params": small, "kind": "adamw", "lr": t.lr, "base_lr": t.lr, "weight_decay": 0.0}]
+    return MatrixOptimizer([g for g in groups if g["params"]], momentum=t.momentum,
+                           betas=(t.beta1, t.beta2))

@@ -1,0 +1,70 @@
+import json
+
+
+from mtplab.ablation import ROW_NAMES, run_ablation
+from mtplab.cli import main
+
+from tests.conftest import shared_path
+
+TINY = ["--set", "data.n_train=300", "--set", "data.n_eval=40", "--set", "train.eval_batches=1",
+        "--set", "train.batch_size=4", "--set", "tokenizer.vocab_size=300", "--quiet"]
+
+
+def test_ablate_writes_the_table_json_and_plot_with_nine_rows(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert main(["ablate", "recipes/aomts-100m-tiny.toml", "--out", str(out), "--steps", "5", *TINY]) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    assert sorted(r["row"] for r in report["rows"]) == sorted(ROW_NAMES) and len(ROW_NAMES) == 9
+    losses = [r["val_loss"] for r in report["rows"]]
+    assert all(l is not None and 0 < l < 10 for l in losses) and losses == sorted(losses)
+    assert {r["row"]: r["tst_bag"] for r in report["rows"]}["tst-2mtp"] == 6
+    table = (out / "ablation.md").read_text()
+    assert table.count("\n| ") == 10 and "2.2047" in table  # header + nine rows; seed numbers beside
+    assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "val CE (nats)" in capsys.readouterr().out
+    for name in ROW_NAMES:  # every row is an ordinary run directory
+        assert (out / name / "model.safetensors").exists()
+
+    # a second invocation skips the finished rows and reports the same numbers
+    again = run_ablation("recipes/aomts-100m-tiny.toml", out, steps=5, rows="base-0mtp,tst-1mtp",
+                         overrides=[s for s in TINY[:-1] if s != "--set"], progress=False)
+    assert [r["status"] for r in again["rows"]] == ["skipped (finished)"] * 2
+    before = {r["row"]: r["val_loss"] for r in report["rows"]}
+    assert all(r["val_loss"] == before[r["row"]] for r in again["rows"])
+
+
+def test_ablate_resumes_an_unfinished_row(tmp_path):
+    overrides = [s for s in TINY[:-1] if s != "--set"]
+    out = tmp_path / "abl"
+    run_ablation("recipes/aomts-100m-tiny.toml", out, steps=2, rows="tst-0mtp", overrides=overrides,
+                 progress=False)
+    report = run_ablation("recipes/aomts-100m-tiny.toml", out, steps=4, rows="tst-0mtp",
+                          overrides=overrides, progress=False)
+    assert report["rows"][0]["status"] == "resumed" and report["rows"][0]["curve"][-1][0] == 4
+
+
+def test_ablate_on_a_text_file_the_test_writes(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"The {w} sat on the mat number {i}. It was a {w} day.\n"
+                              for i in range(400) for w in ("cat", "dog", "sunny")))
+    report = run_ablation("recipes/aomts-100m-tiny.toml", tmp_path / "abl", steps=3,
+                          rows="base-0mtp,tst-1mtp", data=str(corpus),
+                          overrides=[s for s in TINY[:-1] if s != "--set"], progress=False)
+    assert len(report["rows"]) == 2 and report["data"] == str(corpus)
+    assert report["orderings"][0]["lower"] == "tst-1mtp"
+
+
+def test_ablate_on_wikitext2(tmp_path):
+    path = shared_path("wikitext-2-raw", "wiki.test.raw")
+    report = run_ablation("recipes/aomts-100m-tiny.toml", tmp_path / "abl", steps=2, rows="tst-1mtp",
+                          data=str(path), overrides=[s for s in TINY[:-1] if s != "--set"],
+                          progress=False)
+    assert 0 < report["rows"][0]["val_loss"] < 8
+
+
+def test_ablate_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["ablate", "recipes/aomts-100m-tiny.toml", "--out", str(tmp_path / "a"),
+                 "--rows", "nope", "--quiet"]) == 2
+    assert "unknown ablation row nope" in capsys.readouterr().err
+    assert main(["ablate", "recipes/tiny.toml", "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert "data.format" in capsys.readouterr().err
