@@ -1,6 +1,5 @@
 import json
 
-
 from mtplab.ablation import ROW_NAMES, run_ablation
 from mtplab.cli import main
 
