@@ -45,8 +45,10 @@ def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if torch.tensor(params.temperature, dtype=logits.dtype) == 0:  # below the dtype's range: greedy
         return F.one_hot(logits.argmax(-1), logits.size(-1)).to(logits.dtype)
-    # shift the maximum to 0 before dividing: a tiny temperature then gives -inf, never inf - inf
-    logits = (logits - logits.max(-1, keepdim=True).values) / params.temperature
+    scaled = logits / params.temperature
+    if not torch.isfinite(scaled).all():  # a tiny temperature overflowed: shift the maximum to 0 first
+        scaled = (logits - logits.max(-1, keepdim=True).values) / params.temperature
+    logits = scaled
     if params.top_k > 0 and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
