@@ -3,7 +3,9 @@ import json
 from mtplab.ablation import ROW_NAMES, run_ablation
 from mtplab.cli import main
 
-from tests.conftest import shared_path
+from tests.conftest import ROOT, TINY as TINY_RECIPE, shared_path
+
+RECIPE = str(ROOT / "recipes" / "aomts-100m-tiny.toml")
 
 TINY = ["--set", "data.n_train=300", "--set", "data.n_eval=40", "--set", "train.eval_batches=1",
         "--set", "train.batch_size=4", "--set", "tokenizer.vocab_size=300", "--quiet"]
@@ -11,7 +13,7 @@ TINY = ["--set", "data.n_train=300", "--set", "data.n_eval=40", "--set", "train.
 
 def test_ablate_writes_the_table_json_and_plot_with_nine_rows(tmp_path, capsys):
     out = tmp_path / "abl"
-    assert main(["ablate", "recipes/aomts-100m-tiny.toml", "--out", str(out), "--steps", "5", *TINY]) == 0
+    assert main(["ablate", RECIPE, "--out", str(out), "--steps", "5", *TINY]) == 0
     report = json.loads((out / "ablation.json").read_text())
     assert sorted(r["row"] for r in report["rows"]) == sorted(ROW_NAMES) and len(ROW_NAMES) == 9
     losses = [r["val_loss"] for r in report["rows"]]
@@ -25,7 +27,7 @@ def test_ablate_writes_the_table_json_and_plot_with_nine_rows(tmp_path, capsys):
         assert (out / name / "model.safetensors").exists()
 
     # a second invocation skips the finished rows and reports the same numbers
-    again = run_ablation("recipes/aomts-100m-tiny.toml", out, steps=5, rows="base-0mtp,tst-1mtp",
+    again = run_ablation(RECIPE, out, steps=5, rows="base-0mtp,tst-1mtp",
                          overrides=[s for s in TINY[:-1] if s != "--set"], progress=False)
     assert [r["status"] for r in again["rows"]] == ["skipped (finished)"] * 2
     before = {r["row"]: r["val_loss"] for r in report["rows"]}
@@ -35,9 +37,9 @@ def test_ablate_writes_the_table_json_and_plot_with_nine_rows(tmp_path, capsys):
 def test_ablate_resumes_an_unfinished_row(tmp_path):
     overrides = [s for s in TINY[:-1] if s != "--set"]
     out = tmp_path / "abl"
-    run_ablation("recipes/aomts-100m-tiny.toml", out, steps=2, rows="tst-0mtp", overrides=overrides,
+    run_ablation(RECIPE, out, steps=2, rows="tst-0mtp", overrides=overrides,
                  progress=False)
-    report = run_ablation("recipes/aomts-100m-tiny.toml", out, steps=4, rows="tst-0mtp",
+    report = run_ablation(RECIPE, out, steps=4, rows="tst-0mtp",
                           overrides=overrides, progress=False)
     assert report["rows"][0]["status"] == "resumed" and report["rows"][0]["curve"][-1][0] == 4
 
@@ -46,7 +48,7 @@ def test_ablate_on_a_text_file_the_test_writes(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"The {w} sat on the mat number {i}. It was a {w} day.\n"
                               for i in range(400) for w in ("cat", "dog", "sunny")))
-    report = run_ablation("recipes/aomts-100m-tiny.toml", tmp_path / "abl", steps=3,
+    report = run_ablation(RECIPE, tmp_path / "abl", steps=3,
                           rows="base-0mtp,tst-1mtp", data=str(corpus),
                           overrides=[s for s in TINY[:-1] if s != "--set"], progress=False)
     assert len(report["rows"]) == 2 and report["data"] == str(corpus)
@@ -55,15 +57,15 @@ def test_ablate_on_a_text_file_the_test_writes(tmp_path):
 
 def test_ablate_on_wikitext2(tmp_path):
     path = shared_path("wikitext-2-raw", "wiki.test.raw")
-    report = run_ablation("recipes/aomts-100m-tiny.toml", tmp_path / "abl", steps=2, rows="tst-1mtp",
+    report = run_ablation(RECIPE, tmp_path / "abl", steps=2, rows="tst-1mtp",
                           data=str(path), overrides=[s for s in TINY[:-1] if s != "--set"],
                           progress=False)
     assert 0 < report["rows"][0]["val_loss"] < 8
 
 
 def test_ablate_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
-    assert main(["ablate", "recipes/aomts-100m-tiny.toml", "--out", str(tmp_path / "a"),
+    assert main(["ablate", RECIPE, "--out", str(tmp_path / "a"),
                  "--rows", "nope", "--quiet"]) == 2
     assert "unknown ablation row nope" in capsys.readouterr().err
-    assert main(["ablate", "recipes/tiny.toml", "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert main(["ablate", str(TINY_RECIPE), "--out", str(tmp_path / "b"), "--quiet"]) == 2
     assert "data.format" in capsys.readouterr().err
