@@ -209,6 +209,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # step directories kept under checkpoints/ (0: all)
     max_nonfinite_steps: int = 10  # consecutive skipped non-finite steps before the run gives up
     parallel: str = "ddp"  # under torchrun: ddp (replicas, gradients summed) | fsdp (FSDP2 shards)
+    label_smoothing: float = 0.0  # training loss only (seed 003: 0.05); eval losses stay plain CE
+    ignore_pad: bool = False  # labels equal to the tokenizer's pad id are not scored (seed 003)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
@@ -217,6 +219,8 @@ class TrainConfig:
             raise MtplabError(f"train.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise MtplabError(f"train.parallel must be ddp or fsdp, got {self.parallel!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise MtplabError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.keep_checkpoints < 0 or self.max_nonfinite_steps < 1:
             raise MtplabError("train.keep_checkpoints must be >= 0 and train.max_nonfinite_steps >= 1")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
