@@ -44,6 +44,24 @@ class ModelConfig:
     head_layers: int = 1  # blocks in each parallel head (sequential modules have one)
     loss_weights: list[float] = field(default_factory=list)  # one per head; empty: see mtp_lambda
     mtp_lambda: float = 0.0  # >0: DeepSeek weights [1, lambda/D, ...]; 0 with no loss_weights: mean
+    # nanochat features (seed 004); the defaults are off, i.e. the plain pre-norm trunk.
+    norm_affine: bool = True  # false: parameterless norms (no learnable gain)
+    embed_norm: bool = False  # normalise the token embedding before the first block
+    qk_norm: bool = False  # RMS-normalise q and k after RoPE, then scale each by qk_scale
+    qk_scale: float = 1.0
+    window_pattern: str = ""  # e.g. "SSSL", tiled over the trunk: S = window `window`, L = full;
+    window: int = 0  # the short window (keys within `window` positions); the last layer is full
+    value_embeds: bool = False  # ResFormer value embeddings on alternating layers (the last included)
+    ve_gate_channels: int = 12  # gate = 3*sigmoid(W x[..., :channels]), one per kv head
+    layer_lambdas: bool = False  # x <- resid_lambdas[i]*x + x0_lambdas[i]*x0 before block i
+    smear: int = 0  # >0: a gate on the first `smear` dims mixes in the previous token's embedding
+    backout: bool = False  # subtract backout_lambda * (stream at layer n_layers//2) at the end
+    logit_softcap: float = 0.0  # >0: logits c*tanh(z/c)
+    # Looped layers (seed 003): n_layers unique blocks = entry + loop_layers shared + exit, the
+    # shared group runs n_think_loops times (changeable at inference, no new parameters).
+    loop_layers: int = 0
+    n_think_loops: int = 1
+    low_rank: int = 0  # >0: every attention/MLP projection is factored as (out x r)(r x in)
 
     def __post_init__(self) -> None:
         choices = {"pos": ("rope", "learned"), "norm": ("rmsnorm", "layernorm"),
@@ -65,6 +83,22 @@ class ModelConfig:
             raise MtplabError("model.n_future must be at least 1")
         if self.mtp == "parallel" and self.n_future > 1 and self.head_layers < 1:
             raise MtplabError("parallel heads need head_layers >= 1, else every head is the same")
+        if self.window_pattern:
+            if set(self.window_pattern.upper()) - set("SL"):
+                raise MtplabError(f"model.window_pattern may only use the letters S and L, "
+                                  f"got {self.window_pattern!r}")
+            if "S" in self.window_pattern.upper() and self.window < 1:
+                raise MtplabError("model.window_pattern has S layers: set model.window >= 1")
+        if self.ve_gate_channels < 1 or self.ve_gate_channels > self.d_model:
+            raise MtplabError("model.ve_gate_channels must be between 1 and d_model")
+        if self.smear < 0 or self.smear > self.d_model:
+            raise MtplabError(f"model.smear must be between 0 and d_model ({self.d_model})")
+        if self.logit_softcap < 0 or self.low_rank < 0:
+            raise MtplabError("model.logit_softcap and model.low_rank must be >= 0")
+        if not 0 <= self.loop_layers <= self.n_layers:
+            raise MtplabError(f"model.loop_layers must be between 0 and n_layers ({self.n_layers})")
+        if self.n_think_loops < 1:
+            raise MtplabError("model.n_think_loops must be at least 1")
         if self.loss_weights and len(self.loss_weights) != self.n_future:
             raise MtplabError(f"model.loss_weights has {len(self.loss_weights)} entries "
                               f"for {self.n_future} heads")
@@ -84,6 +118,27 @@ class ModelConfig:
         if self.mlp == "swiglu":
             return 32 * -(-(8 * self.d_model // 3) // 32)
         return 4 * self.d_model
+
+    def window_for(self, layer: int) -> int:
+        """Trunk layer `layer`'s attention window in positions; 0 means full (and the last is)."""
+        if not self.window_pattern or layer >= self.n_layers - 1:
+            return 0
+        letter = self.window_pattern.upper()[layer % len(self.window_pattern)]
+        return self.window if letter == "S" else 0
+
+    def has_value_embed(self, layer: int) -> bool:
+        return self.value_embeds and layer < self.n_layers and layer % 2 == (self.n_layers - 1) % 2
+
+    @property
+    def loop_groups(self) -> tuple[int, int, int]:
+        """(entry, shared, exit) block counts: the shared group sits in the middle."""
+        unique = self.n_layers - self.loop_layers
+        return unique // 2, self.loop_layers, unique - unique // 2
+
+    @property
+    def plain_blocks(self) -> bool:
+        """Blocks whose parts the stacked inference path knows (affine norms, full projections)."""
+        return self.norm_affine and not self.qk_norm and not self.low_rank
 
     @property
     def head_weights(self) -> list[float]:
@@ -162,6 +217,8 @@ class TrainConfig:
     tst_bag: int = 0  # 0: off; s >= 2 tokens averaged into each position during phase 1
     tst_fraction: float = 0.3
     tst_reset_optimizer: bool = False  # ablation: fresh optimizer state and LR schedule in phase 2
+    label_smoothing: float = 0.0  # training loss only (seed 003: 0.05); eval losses stay plain CE
+    ignore_pad: bool = False  # labels equal to the tokenizer's pad id are not scored (seed 003)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
@@ -176,6 +233,8 @@ class TrainConfig:
             raise MtplabError(f"train.tst_bag must be 0 (off) or >= 2, got {self.tst_bag}")
         if not 0.0 < self.tst_fraction < 1.0:
             raise MtplabError(f"train.tst_fraction must be between 0 and 1, got {self.tst_fraction}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise MtplabError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.keep_checkpoints < 0 or self.max_nonfinite_steps < 1:
             raise MtplabError("train.keep_checkpoints must be >= 0 and train.max_nonfinite_steps >= 1")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:

@@ -37,7 +37,20 @@ class ParallelHeads(nn.Module):
             for k in range(config.n_future))
         self.n_layers = config.n_future * per
         self.first_layer = first_layer
+        self.stackable = config.plain_blocks  # StackedBlocks knows only the plain block's parts
         self._stacked: dict[int, list] = {}
+
+    def set_first_layer(self, first_layer: int) -> None:
+        """Move the heads' cache layers behind a trunk that uses `first_layer` of them (a looped
+        trunk's count depends on its think loops)."""
+        if first_layer == self.first_layer:
+            return
+        per = len(self.heads[0])
+        for k, head in enumerate(self.heads):
+            for j, block in enumerate(head):
+                block.attn.layer_idx = first_layer + k * per + j
+        self.first_layer = first_layer
+        self._stacked = {}
 
     def hidden_all(self, n: int, h_in: torch.Tensor, rotary: Rotary | None, mask: AttentionMask,
                    cache: KVCache | None = None) -> list[torch.Tensor]:
@@ -46,7 +59,7 @@ class ParallelHeads(nn.Module):
             per = len(self.heads[0])
             # Head k's layer j sits at cache layer first + k*per + j: batch only when contiguous.
             self._stacked[n] = [StackedBlocks([self.heads[k][j] for k in range(n)], self.first_layer + j)
-                                for j in range(per)] if per == 1 else None
+                                for j in range(per)] if per == 1 and self.stackable else None
         stacks = self._stacked[n]
         if stacks is None:
             return [self.hidden(k, h_in, None, None, rotary, mask, cache) for k in range(n)]

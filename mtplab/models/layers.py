@@ -17,9 +17,30 @@ from .kv_cache import KVCache
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
+    affine = config.norm_affine  # nanochat's norms have no gain at all
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps, elementwise_affine=affine)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, elementwise_affine=affine,
+                        bias=config.bias and affine)
+
+
+class LowRankLinear(nn.Module):
+    """A factored projection W = up @ down of rank r (seed 003's LoRA-style layers): r*(in+out)
+    parameters instead of in*out."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, bias: bool):
+        super().__init__()
+        self.down = nn.Linear(d_in, rank, bias=False)
+        self.up = nn.Linear(rank, d_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+def make_linear(d_in: int, d_out: int, config: ModelConfig) -> nn.Module:
+    if config.low_rank:
+        return LowRankLinear(d_in, d_out, config.low_rank, config.bias)
+    return nn.Linear(d_in, d_out, bias=config.bias)
 
 
 class Rotary(nn.Module):
@@ -47,42 +68,70 @@ class Rotary(nn.Module):
 
 
 class AttentionMask:
-    """How new positions may attend: causal among themselves, everything already in the cache."""
+    """How new positions may attend: causal among themselves, everything already in the cache;
+    a sliding-window layer additionally sees only keys fewer than `window` positions back."""
 
     def __init__(self, start: int, length: int, device: torch.device):
-        self.start = start
+        self.start, self.length, self.device = start, length, device
         self.is_causal = start == 0 and length > 1
         self.mask = None
         if start > 0 and length > 1:
             keys = torch.arange(start + length, device=device)
             queries = torch.arange(start, start + length, device=device)
             self.mask = keys[None, :] <= queries[:, None]  # [T, S]
+        self._windowed: dict[int, torch.Tensor] = {}  # every layer with one window shares a mask
+
+    def for_window(self, window: int) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask, is_causal) for a layer with this window (0: full)."""
+        if not window or self.start + self.length <= window:  # every key is within reach
+            return self.mask, self.is_causal
+        if window not in self._windowed:
+            keys = torch.arange(self.start + self.length, device=self.device)
+            queries = torch.arange(self.start, self.start + self.length, device=self.device)
+            back = queries[:, None] - keys[None, :]  # [T, S] how far back each key lies
+            self._windowed[window] = (back >= 0) & (back < window)
+        return self._windowed[window], False
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    """GQA attention. Optional: QK-norm after RoPE, a sliding window, and a value embedding
+    (ResFormer) added to v through a per-kv-head gate 3*sigmoid(W x[..., :channels])."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, window: int = 0, value_embed: bool = False):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx = layer_idx  # cache layer, unless the caller names another (loops)
         self.n_heads, self.n_kv, self.hd = config.n_heads, config.kv_heads, config.head_dim
-        d, bias = config.d_model, config.bias
-        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=bias)
+        d = config.d_model
+        self.q_proj = make_linear(d, self.n_heads * self.hd, config)
+        self.k_proj = make_linear(d, self.n_kv * self.hd, config)
+        self.v_proj = make_linear(d, self.n_kv * self.hd, config)
+        self.o_proj = make_linear(self.n_heads * self.hd, d, config)
         self.dropout = config.dropout
+        self.window = window
+        self.qk_scale = config.qk_scale if config.qk_norm else None
+        self.eps = config.norm_eps
+        self.ve_gate = nn.Linear(config.ve_gate_channels, self.n_kv, bias=False) if value_embed else None
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, rotary: Rotary | None,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | None, layer: int | None = None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        if self.ve_gate is not None and ve is not None:  # ve: [B, T, Hkv*hd], this token's row
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))  # [B, T, Hkv]
+            v = v + gate.transpose(1, 2).unsqueeze(-1) * ve.view(b, t, self.n_kv, self.hd).transpose(1, 2)
         if rotary is not None:  # q and k in one rotation
             q, k = rotary(torch.cat([q, k], dim=1), mask.start).split([self.n_heads, self.n_kv], dim=1)
+        if self.qk_scale is not None:  # after RoPE: the norm is rotation-invariant either way
+            q = F.rms_norm(q, (self.hd,), eps=self.eps) * self.qk_scale
+            k = F.rms_norm(k, (self.hd,), eps=self.eps) * self.qk_scale
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, S, hd]
+            k, v = cache.update(self.layer_idx if layer is None else layer, k, v)  # [B, Hkv, S, hd]
+        attn_mask, is_causal = mask.for_window(self.window)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal,
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
 
@@ -90,12 +139,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        d, f, bias = config.d_model, config.ff_dim, config.bias
+        d, f = config.d_model, config.ff_dim
         self.kind = config.mlp
         if self.kind == "swiglu":
-            self.gate_proj = nn.Linear(d, f, bias=bias)
-        self.up_proj = nn.Linear(d, f, bias=bias)
-        self.down_proj = nn.Linear(f, d, bias=bias)
+            self.gate_proj = make_linear(d, f, config)
+        self.up_proj = make_linear(d, f, config)
+        self.down_proj = make_linear(f, d, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
@@ -110,10 +159,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, window: int = 0, value_embed: bool = False):
         super().__init__()
         self.attn_norm = make_norm(config)
-        self.attn = Attention(config, layer_idx)
+        self.attn = Attention(config, layer_idx, window, value_embed)
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
         self.dropout = config.dropout
@@ -123,17 +172,24 @@ class Block(nn.Module):
         return F.dropout(x, self.dropout, True) if self.dropout and self.training else x
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, rotary: Rotary | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self._drop(self.attn(self.attn_norm(x), mask, rotary, cache))
+                cache: KVCache | None = None, layer: int | None = None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self._drop(self.attn(self.attn_norm(x), mask, rotary, cache, layer, ve))
         return x + self._drop(self.mlp(self.mlp_norm(x)))
 
 
 def init_weights(module: nn.Module, std: float, n_layers: int) -> None:
-    """Normal(0, std) for matrices, GPT-2's 1/sqrt(2*layers) for projections into the residual."""
+    """Normal(0, std) for matrices, GPT-2's 1/sqrt(2*layers) for projections into the residual.
+    A rank-r factor pair gets std sqrt(s/sqrt(r)) each, so that their product has std s."""
     for name, p in module.named_parameters():
         if p.dim() < 2:
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             continue
-        scale = 1.0 / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
-        nn.init.normal_(p, mean=0.0, std=std * scale)
+        into_residual = name.endswith(("o_proj.weight", "down_proj.weight", "o_proj.up.weight",
+                                       "o_proj.down.weight", "down_proj.up.weight", "down_proj.down.weight"))
+        s = std * (1.0 / math.sqrt(2 * n_layers) if into_residual else 1.0)
+        if name.endswith((".up.weight", ".down.weight")):  # a LowRankLinear factor
+            rank = min(p.shape)
+            s = math.sqrt(s / math.sqrt(rank))
+        nn.init.normal_(p, mean=0.0, std=s)

@@ -15,14 +15,14 @@ def build_on_meta(config: ModelConfig) -> Transformer:
 
 
 def summarize(config: ModelConfig, context: int | None = None) -> dict:
-    """Parameter counts (embeddings: token/position tables and an untied unembedding; trunk: the
-    blocks and final norm; heads: everything of heads 0..n-1 beyond the trunk) and forward FLOPs
+    """Parameter counts (embeddings: token/position/value-embedding tables and an untied
+    unembedding; trunk: the blocks, final norm and stream scalars; heads: everything of heads 0..n-1 beyond the trunk) and forward FLOPs
     per token with `context` tokens of attention (default: the full window)."""
     model = build_on_meta(config)
     groups = {"embeddings": 0, "trunk": 0, "heads": 0}
     per_head_module = {}
     for name, p in model.named_parameters():
-        if name.startswith(("wte.", "wpe.", "lm_head.")):
+        if name.startswith(("wte.", "wpe.", "lm_head.", "value_embeds.")):
             groups["embeddings"] += p.numel()
         elif name.startswith("heads."):
             groups["heads"] += p.numel()
@@ -33,14 +33,22 @@ def summarize(config: ModelConfig, context: int | None = None) -> dict:
     context = context or config.max_seq_len
     d, n = config.d_model, config.n_future
     attention = 2 * 2 * context * d  # q·k and attn·v per layer, for one query position
-    trunk_matmul = sum(p.numel() for nm, p in model.named_parameters()
+    entry, shared, _ = config.loop_groups
+    passes = config.n_think_loops  # a shared block costs once per think loop
+
+    def block_passes(name: str) -> int:
+        i = int(name.split(".")[1])
+        return passes if entry <= i < entry + shared else 1
+
+    trunk_matmul = sum(p.numel() * block_passes(nm) for nm, p in model.named_parameters()
                        if nm.startswith("blocks.") and p.dim() == 2)
+    trunk_calls = model.cache_layers(passes)
     head_matmul = sum(p.numel() for nm, p in model.named_parameters()
                       if nm.startswith("heads.") and p.dim() == 2)
     head_blocks = config.n_future * config.head_layers if config.mtp == "parallel" else \
         (config.n_future - 1 if config.mtp == "sequential" else 0)
-    flops_main = 2 * trunk_matmul + config.n_layers * attention + 2 * d * config.vocab_size
-    flops_all = (2 * (trunk_matmul + head_matmul) + (config.n_layers + head_blocks) * attention
+    flops_main = 2 * trunk_matmul + trunk_calls * attention + 2 * d * config.vocab_size
+    flops_all = (2 * (trunk_matmul + head_matmul) + (trunk_calls + head_blocks) * attention
                  + 2 * d * config.vocab_size * n)
     if config.mtp == "parallel":  # head 0's own blocks are on the next-token path too
         flops_main += 2 * head_matmul // n + config.head_layers * attention
@@ -58,6 +66,7 @@ def format_summary(summary: dict, config: ModelConfig) -> str:
         f"({c.kv_heads} key/value), {c.mlp} MLP {c.ff_dim}, {c.norm}, {c.pos} positions, "
         f"vocab {c.vocab_size}, {'tied' if c.tie_embeddings else 'untied'} unembedding",
         f"heads: {summary['heads']} {summary['family']} (head k predicts token t+1+k)",
+        *_feature_lines(c),
         f"parameters: {summary['parameters']:,}",
         f"  embeddings {b['embeddings']:,}   trunk {b['trunk']:,}   heads {b['heads']:,}",
         f"forward FLOPs per token at context {summary['context']}: "
@@ -65,3 +74,30 @@ def format_summary(summary: dict, config: ModelConfig) -> str:
         f"{summary['flops_per_token_all_heads'] / 1e6:,.1f}M all heads (training ~3x)",
     ]
     return "\n".join(lines)
+
+
+def _feature_lines(c: ModelConfig) -> list[str]:
+    """One line each for the nanochat (seed 004) and looped (seed 003) options that are on."""
+    on = []
+    if not c.norm_affine:
+        on.append("parameterless norms")
+    if c.qk_norm:
+        on.append(f"QK-norm x{c.qk_scale:g}")
+    if c.window_pattern:
+        on.append(f"windows {c.window_pattern} (S = {c.window})")
+    if c.value_embeds:
+        on.append("value embeddings")
+    if c.layer_lambdas:
+        on.append("resid/x0 lambdas")
+    if c.smear:
+        on.append(f"smear {c.smear}")
+    if c.backout:
+        on.append("backout")
+    if c.logit_softcap:
+        on.append(f"softcap {c.logit_softcap:g}")
+    lines = [f"features: {', '.join(on)}"] if on else []
+    if c.loop_layers or c.low_rank:
+        entry, shared, exit_ = c.loop_groups
+        lines.append(f"layers: {entry} entry + {shared} shared x {c.n_think_loops} loops + {exit_} exit"
+                     + (f", low-rank {c.low_rank} projections" if c.low_rank else ""))
+    return lines

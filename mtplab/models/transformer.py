@@ -1,5 +1,17 @@
 """The causal decoder: token embedding, positions, a trunk of pre-norm blocks, MTP heads, and the
-shared final norm + unembedding. Every architecture choice is a `ModelConfig` flag."""
+shared final norm + unembedding. Every architecture choice is a `ModelConfig` flag.
+
+Stream-level features live here (attention-level ones are in layers.py):
+- smear (seed 004): x_t += smear_lambda * sigmoid(smear_gate(x_t[:smear])) * x_{t-1}, on the
+  token embedding; the cache keeps the ids so the previous token is known across calls.
+- value embeddings: one [V, Hkv*hd] table per alternating layer, gated into v by that layer.
+- resid/x0 lambdas: before block i, x <- resid_lambdas[i]*x + x0_lambdas[i]*x0 (x0 = embedding).
+- backout: the final stream minus backout_lambda * the stream entering block n_layers//2.
+- looped layers (seed 003): entry blocks, a shared group run n_think_loops times (between passes
+  x <- g*x + (1-g)*x_pre, g = sigmoid(think_gate), x_pre the stream before the loop), exit blocks.
+  Each pass of a shared block has its own cache layer, so the cache layout depends on the count.
+- logit softcap: c*tanh(z/c) on every head's logits.
+"""
 
 from __future__ import annotations
 
@@ -28,8 +40,25 @@ class Transformer(nn.Module):
         self.wpe = nn.Embedding(config.max_seq_len, d) if config.pos == "learned" else None
         self.rotary = (Rotary(config.head_dim, config.max_seq_len, config.rope_base)
                        if config.pos == "rope" else None)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.heads = HEAD_FAMILIES[config.mtp](config, first_layer=config.n_layers)
+        n = config.n_layers
+        self.blocks = nn.ModuleList(Block(config, i, config.window_for(i), config.has_value_embed(i))
+                                    for i in range(n))
+        self.embed_norm = make_norm(config) if config.embed_norm else None
+        if config.value_embeds:  # keyed by the layer that reads the table
+            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.kv_heads * config.head_dim)
+                                               for i in range(n) if config.has_value_embed(i)})
+        if config.layer_lambdas:
+            self.resid_lambdas = nn.Parameter(torch.ones(n))  # [L] start as the plain residual
+            self.x0_lambdas = nn.Parameter(torch.zeros(n))
+        if config.smear:
+            self.smear_gate = nn.Linear(config.smear, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(()))  # starts off: no mixing
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(()))
+        if config.loop_layers:
+            self.think_gate = nn.Parameter(torch.tensor(0.5))  # seed 003's start
+        self.n_think_loops = config.n_think_loops  # may be changed at inference; no new parameters
+        self.heads = HEAD_FAMILIES[config.mtp](config, first_layer=self.cache_layers(self.n_think_loops))
         self.norm_f = make_norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
         init_weights(self, config.init_std, config.n_layers + config.head_layers)
@@ -51,17 +80,70 @@ class Transformer(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.wte(ids)
 
+    def cache_layers(self, n_loops: int) -> int:
+        """Cache layers the trunk uses with `n_loops` think loops (heads' layers follow them)."""
+        entry, shared, exit_ = self.config.loop_groups
+        return entry + shared * n_loops + exit_
+
+    def _token_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.wte(ids)
+        return self.embed_norm(x) if self.embed_norm is not None else x
+
+    def _smear(self, x: torch.Tensor, ids: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
+        """x [B, T, D] -> x with the previous token's embedding mixed in through a learned gate."""
+        if start > 0:  # the token before this call's first one is in the cache
+            first = self._token_embedding(cache.ids[:, start - 1:start])  # [B, 1, D]
+        else:  # position 0 has no previous token
+            first = torch.zeros_like(x[:, :1])
+        prev = torch.cat([first, x[:, :-1]], dim=1)  # [B, T, D]
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :self.config.smear]))  # [B, T, 1]
+        return x + gate * prev
+
     def trunk(self, ids: torch.Tensor | None, mask: AttentionMask, cache: KVCache | None = None,
               embeds: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T] ids -> [B, T, D] hidden states before the heads. `embeds` ([B, T, D]) replaces the
-        token embedding, for inputs that are not single tokens (TST's averaged bags)."""
-        x = self.wte(ids) if embeds is None else embeds
+        token embedding, for inputs that are not single tokens (TST's averaged bags; no smear,
+        value embeddings or cache then)."""
+        c = self.config
+        x = self._token_embedding(ids) if embeds is None else embeds
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(mask.start, mask.start + x.size(1), device=x.device))
-        if self.config.dropout and self.training:
-            x = F.dropout(x, self.config.dropout, True)
-        for block in self.blocks:
-            x = block(x, mask, self.rotary, cache)
+        if c.smear:
+            x = self._smear(x, ids, mask.start, cache)
+        if cache is not None:
+            cache.store_ids(ids)
+        if c.dropout and self.training:
+            x = F.dropout(x, c.dropout, True)
+        x0, mid = x, None
+        entry, shared, _ = c.loop_groups
+        n_loops = cache.n_loops if cache is not None else self.n_think_loops
+        slot = 0  # cache layer of the next block call
+
+        def run(i: int, x: torch.Tensor) -> torch.Tensor:
+            nonlocal slot, mid
+            if c.backout and i == c.n_layers // 2 and mid is None:
+                mid = x
+            if c.layer_lambdas:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](ids) if c.has_value_embed(i) else None
+            x = self.blocks[i](x, mask, self.rotary, cache, slot, ve)
+            slot += 1
+            return x
+
+        for i in range(entry):
+            x = run(i, x)
+        if shared:
+            x_pre = x
+            for loop in range(n_loops):
+                for i in range(entry, entry + shared):
+                    x = run(i, x)
+                if loop < n_loops - 1:  # seed 003: blend back toward the pre-loop state
+                    g = torch.sigmoid(self.think_gate)
+                    x = g * x + (1 - g) * x_pre
+        for i in range(entry + shared, c.n_layers):
+            x = run(i, x)
+        if mid is not None:
+            x = x - self.backout_lambda * mid
         return x
 
     def head_hidden(self, k: int, h_in: torch.Tensor, ids: torch.Tensor, mask: AttentionMask,
@@ -73,20 +155,26 @@ class Transformer(nn.Module):
     def unembedding(self) -> torch.Tensor:
         return self.lm_head.weight if self.lm_head is not None else self.wte.weight
 
+    def _softcap(self, z: torch.Tensor) -> torch.Tensor:
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(z / cap) if cap else z
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The shared final norm and unembedding (head 0's, and every head's that shares it)."""
-        return F.linear(self.norm_f(h), self.unembedding)
+        return self._softcap(F.linear(self.norm_f(h), self.unembedding))
 
     def head_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
         if k == 0 or self.heads.shared_unembedding:
             return self.logits(h)
-        return self.heads.logits(k, self.norm_f(h))
+        return self._softcap(self.heads.logits(k, self.norm_f(h)))
 
     # -- whole forward -------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A cache laid out for the current `n_think_loops` (it keeps that count while in use)."""
         c = self.config
-        return KVCache(c.n_layers + self.heads.n_layers, batch, c.kv_heads, max_len or c.max_seq_len,
-                       c.head_dim, device=self.device, dtype=dtype or self.wte.weight.dtype)
+        return KVCache(self.cache_layers(self.n_think_loops) + self.heads.n_layers, batch, c.kv_heads,
+                       max_len or c.max_seq_len, c.head_dim, device=self.device,
+                       dtype=dtype or self.wte.weight.dtype, n_loops=self.n_think_loops)
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None,
                       n_heads: int | None = None) -> list[torch.Tensor]:
@@ -96,6 +184,8 @@ class Transformer(nn.Module):
         n_heads = self.n_future if n_heads is None else n_heads
         start = cache.length if cache is not None else 0
         mask = AttentionMask(start, ids.size(1), ids.device)
+        if cache is not None and hasattr(self.heads, "set_first_layer"):
+            self.heads.set_first_layer(self.cache_layers(cache.n_loops))  # heads follow the trunk
         h = self.trunk(ids, mask, cache)
         if (self.stack_heads and hasattr(self.heads, "hidden_all") and n_heads > 1
                 and not torch.is_grad_enabled()):

@@ -21,12 +21,21 @@ from ..models.layers import AttentionMask
 from ..models.transformer import Transformer
 
 
-def head_loss(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy of head k ([B, T_k, V] logits) and the number of scored tokens."""
-    targets = labels[:, k:k + logits.size(1)]
+def mask_pad(labels: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """Labels with every pad token turned into IGNORE (seed 003's pad-ignoring loss), so that a
+    padded label is neither scored nor counted."""
+    return labels if pad_id is None else labels.masked_fill(labels == pad_id, IGNORE)
+
+
+def head_loss(logits: torch.Tensor, labels: torch.Tensor, k: int, label_smoothing: float = 0.0,
+              pad_id: int | None = None) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of head k ([B, T_k, V] logits) and the number of scored tokens.
+    label_smoothing: the target puts that much mass uniformly over the vocabulary (seed 003: 0.05);
+    pad_id: labels equal to it are skipped like IGNORE."""
+    targets = mask_pad(labels, pad_id)[:, k:k + logits.size(1)]
     logits = logits[:, :targets.size(1)]
     total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                            ignore_index=IGNORE, reduction="sum")
+                            ignore_index=IGNORE, reduction="sum", label_smoothing=label_smoothing)
     return total, int((targets != IGNORE).sum())
 
 
@@ -51,10 +60,11 @@ def label_counts(labels: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def backward_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, weights: list[float],
                    scale: float = 1.0, autocast=contextlib.nullcontext,
-                   counts: list[int] | None = None) -> list[float]:
+                   counts: list[int] | None = None, label_smoothing: float = 0.0) -> list[float]:
     """Accumulate gradients of sum_k weights[k] * CE_k (times `scale`); return each CE_k.
     CE_k is head k's summed cross-entropy divided by counts[k] (default: this batch's own token
-    count, i.e. the mean); data-parallel ranks pass the global batch's count."""
+    count, i.e. the mean); data-parallel ranks pass the global batch's count. Pads are already
+    IGNORE in `labels` (see `mask_pad`), so counts and losses agree."""
     mask = AttentionMask(0, ids.size(1), ids.device)
     with autocast():
         h = model.trunk(ids, mask)  # [B, T, D]
@@ -73,7 +83,7 @@ def backward_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, 
     for k in reversed(range(model.n_future)):  # deepest first: its gradient feeds depth k-1
         with autocast():
             logits = model.head_logits(k, detached[k])
-        total, count = head_loss(logits, labels, k)
+        total, count = head_loss(logits, labels, k, label_smoothing)
         mean = total / max(count if counts is None else counts[k], 1)
         losses[k] = mean.item()
         (mean * weights[k] * scale).backward()
@@ -87,7 +97,7 @@ def backward_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, 
 
 def backward_all_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, weights: list[float],
                        scale: float = 1.0, autocast=contextlib.nullcontext,
-                       counts: list[int] | None = None) -> list[float]:
+                       counts: list[int] | None = None, label_smoothing: float = 0.0) -> list[float]:
     """The same gradients and return value as `backward_heads`, from one forward through the model
     and one backward: every head's logits are alive at once. FSDP needs this form (its hooks run
     on the model's own forward)."""
@@ -95,7 +105,7 @@ def backward_all_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tens
         all_logits = model(ids)
     total_loss, losses = 0.0, []
     for k, logits in enumerate(all_logits):
-        total, count = head_loss(logits, labels, k)
+        total, count = head_loss(logits, labels, k, label_smoothing)
         mean = total / max(count if counts is None else counts[k], 1)
         losses.append(mean.item())
         total_loss = total_loss + mean * weights[k]

@@ -29,7 +29,7 @@ from ..models.transformer import Transformer
 from . import distributed, tst
 from .checkpoints import load_latest, remove_partial_writes, save_step, step_dirs
 from .faults import NonFiniteGuard, StopSignals
-from .losses import backward_all_heads, backward_heads, evaluate_heads, label_counts
+from .losses import backward_all_heads, backward_heads, evaluate_heads, label_counts, mask_pad
 from .optimizers import make_optimizer
 from .schedules import lr_multiplier
 
@@ -198,6 +198,8 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
     result = TrainResult(model, dataset, out_dir, start, main=ranks.main)
     rows = ranks.rows(t_cfg.batch_size)
     step_backward = backward_all_heads if sharded else backward_heads
+    # a tokenizer without a pad token pads with eos, which must stay scored
+    pad_id = dataset.tokenizer.token_to_id(dataset.tokenizer.pad) if t_cfg.ignore_pad else None
     # FSDP averages gradients over ranks; the losses are already shares of the global mean
     grad_scale = (ranks.world if sharded else 1) / t_cfg.grad_accum
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -255,8 +257,10 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
                 else:
                     ids, labels = dataset.train.next(rows)
                     ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    labels = mask_pad(labels, pad_id)
                     counts = distributed.sum_(ranks, label_counts(labels, model.n_future)).tolist()
-                    micro = step_backward(model, ids, labels, weights, grad_scale, autocast, counts)
+                    micro = step_backward(model, ids, labels, weights, grad_scale, autocast, counts,
+                                          t_cfg.label_smoothing)
                     window_tokens += ids.numel() * ranks.world
                 head_losses = [a + b / t_cfg.grad_accum for a, b in zip(head_losses, micro)]
             if not sharded:  # FSDP reduces the gradients itself, during backward

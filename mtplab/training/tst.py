@@ -46,6 +46,9 @@ def check_config(config: Config) -> None:
     if config.train.tst_bag and config.data.format != "lm":
         raise MtplabError("train.tst_bag needs packed text (data.format = \"lm\"): bags of tokens "
                           "are cut from a continuous token stream")
+    if config.train.tst_bag and (config.model.smear or config.model.value_embeds):
+        raise MtplabError("train.tst_bag does not combine with model.smear or model.value_embeds: "
+                          "both read single token ids, and a TST position is a bag of them")
 
 
 def bags(raw: torch.Tensor, bag: int, length: int, offset: int = 0) -> torch.Tensor:

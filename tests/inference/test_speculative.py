@@ -36,6 +36,36 @@ def test_greedy_output_equals_plain_over_many_prompts(family):
         assert spec_ids(model, prompt, 24, n_draft=n_draft) == generate_ids(model, prompt, 24)
 
 
+# the trunk families of the recipes: gelu-d12 (nanochat stack) and nrm-miniaxion (looped, low-rank)
+TRUNKS = {
+    "gelu-d12": dict(norm_affine=False, embed_norm=True, rope_base=1e5, qk_norm=True, qk_scale=1.2,
+                     window_pattern="SSSL", window=4, value_embeds=True, ve_gate_channels=8,
+                     layer_lambdas=True, smear=8, backout=True, logit_softcap=15.0, n_layers=4),
+    "nrm-miniaxion": dict(n_layers=4, loop_layers=2, n_think_loops=3, low_rank=8, n_kv_heads=1,
+                          mlp="swiglu"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("trunk", TRUNKS)
+def test_greedy_output_equals_plain_on_every_recipe_trunk(family, trunk):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_heads=2, max_seq_len=64, mtp=family,
+                                    n_future=4, **TRUNKS[trunk])).eval()
+    with torch.no_grad():  # move the neutral-at-init scalars (lambdas, gates) off their start
+        for p in model.parameters():
+            if p.dim() < 2:
+                p.add_(0.3 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(2)
+    for loops in ([1, 3] if trunk == "nrm-miniaxion" else [1]):
+        model.n_think_loops = loops  # changed at inference: the cache layout follows
+        for _ in range(3):
+            prompt = torch.randint(0, 50, (int(torch.randint(1, 12, (1,), generator=gen)),),
+                                   generator=gen).tolist()
+            n_draft = int(torch.randint(1, 4, (1,), generator=gen))
+            assert spec_ids(model, prompt, 16, n_draft=n_draft) == generate_ids(model, prompt, 16)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def oracle(request):
     """A model trained on x_{t+1} = perm(x_t): every head is right, so every draft is."""

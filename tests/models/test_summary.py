@@ -28,17 +28,44 @@ def test_mtp_gpt2_is_gpt2_124m_plus_one_block():
     assert summarize(config)["parameters"] == 124_439_808 + gpt2_block == 131_527_680
 
 
+def test_gelu_d12_matches_the_card():
+    summary = summarize(load_config(RECIPES / "gelu-d12.toml").model)
+    wte = 32_768 * 768
+    block = 4 * 768 * 768 + 2 * 768 * 3_072  # no biases, no norm gains
+    scalars = 6 * 12 * 12 + 12 + 12 + 24 + 1 + 1  # ve_gate, resid/x0 lambdas, smear gate + lambda, backout
+    assert summary["parameters"] == wte + 12 * block + 6 * wte + scalars == 261_096_338
+    assert summary["breakdown"] == {"embeddings": 7 * wte, "trunk": 12 * block + scalars, "heads": 0}
+
+
+def test_nrm_miniaxion_is_the_cards_0_92m():
+    config = load_config(RECIPES / "nrm-miniaxion.toml").model
+    n_params = summarize(config)["parameters"]
+    r, d, kv, f = 16, 256, 128, 512
+    attention = r * (d + d) * 2 + r * (d + kv) * 2  # q, o full width; k, v to 4 kv heads
+    ffn = 3 * r * (d + f)
+    assert n_params == 2_048 * 256 + 6 * (attention + ffn + 2 * d) + d + 1 == 920_833
+    # more thinking: more compute, the same weights
+    more = load_config(RECIPES / "nrm-miniaxion.toml", ["model.n_think_loops=6"]).model
+    assert summarize(more)["parameters"] == n_params
+    assert summarize(more)["flops_per_token_next_token"] > summarize(config)["flops_per_token_next_token"]
+
+
 def test_meta_build_allocates_nothing():
     model = build_on_meta(load_config(RECIPES / "aomts-100m.toml").model)
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
-@pytest.mark.parametrize("recipe", ["aomts-100m-tiny.toml", "mtp-gpt2-tiny.toml"])
+@pytest.mark.parametrize("recipe", ["aomts-100m-tiny.toml", "mtp-gpt2-tiny.toml", "gelu-d12-tiny.toml",
+                                    "nrm-miniaxion-tiny.toml"])
 def test_tiny_variants_train_and_their_loss_falls(tmp_path, recipe):
     result = mtplab.train(RECIPES / recipe, tmp_path / "run", progress=False)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if "head_losses" in r)["head_losses"][0]
     assert result.head_losses[0] < 0.85 * first
+    if recipe.startswith("nrm-"):  # seed 003's thinking tokens are single special tokens
+        tok = result.dataset.tokenizer
+        ids = [tok.token_to_id(t) for t in ("<THINK>", "</THINK>", "<STEP>")]
+        assert None not in ids and tok.encode("<THINK>") == ids[:1]
 
 
 def test_info_on_a_checkpoint_counts_the_real_model(capsys, tiny_run):
