@@ -41,13 +41,14 @@ def peak_kib(heads: int, mode: str) -> int:
 
 
 def test_four_head_step_peak_memory_stays_close_to_one_head():
-    one = peak_kib(1, "split")
-    four = peak_kib(4, "split")
-    naive_four = peak_kib(4, "naive")
     logits_kib = 8 * 256 * 32768 * 4 // 1024  # one head's fp32 logits
-    assert one > logits_kib  # the measurement sees the logits at all
+    for _ in range(3):  # peak RSS is read from the OS: measure again when the controls say it missed
+        one, four, naive_four = peak_kib(1, "split"), peak_kib(4, "split"), peak_kib(4, "naive")
+        # controls: the measurement sees the logits at all, and can tell four heads' logits from one
+        if one > logits_kib and naive_four > one * 2:
+            break
+    assert one > logits_kib and naive_four > one * 2, (one, naive_four)
     assert four < one * 1.25, (one, four)
-    assert naive_four > one * 2, (one, naive_four)  # the control: the measurement can tell
 
 
 @pytest.mark.parametrize("family", ["parallel", "sequential"])
