@@ -44,7 +44,7 @@ def train_step_tokens_per_s(config, batch: int, seq: int, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default="gelu-d12,gelu-d12-tiny,nrm-miniaxion,nrm-miniaxion-tiny,"
-                                             "aomts-100m,aomts-100m-tiny")
+                                             "aomts-100m,aomts-100m-tiny,mtp-gpt2,mtp-gpt2-tiny")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
