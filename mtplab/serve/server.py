@@ -51,5 +51,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
             f"(chat page at /, OpenAI API at /v1){'; API key required' if api_key else ''}", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3))
         server.run(sockets=[sock])
+        if server.started:  # uvicorn took the Ctrl-C/SIGTERM itself; end like every stopped command
+            raise KeyboardInterrupt
     finally:
         sock.close()
