@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -32,12 +34,15 @@ def read_bundle(path: str | Path, trust_pickle: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MtplabError(f"no bundle file at {path}")
+    if not zipfile.is_zipfile(path):
+        raise MtplabError(f"{path} is not a torch.save file")
     try:
         bundle = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MtplabError(f"{path} holds objects a weights-only load refuses ({first}); if you trust "
-                          "the file, pass --trust-pickle") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise MtplabError(f"{path} holds objects a weights-only load refuses"
+                          f"{f' ({found.group(1)})' if found else ''}; if you trust the file, "
+                          "pass --trust-pickle") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise MtplabError(f"{path} is not a readable torch.save file: {str(exc).splitlines()[0]}") from None
     if not isinstance(bundle, dict) or any(k not in bundle for k in BUNDLE_KEYS):
