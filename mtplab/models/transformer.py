@@ -20,11 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .heads import MedusaHeads, ParallelHeads, SequentialHeads
+from .heads import MedusaHeads, ParallelHeads, SequentialHeads, SlotHeads
 from .kv_cache import KVCache
 from .layers import AttentionMask, Block, Rotary, init_weights, make_norm
 
-HEAD_FAMILIES = {"parallel": ParallelHeads, "sequential": SequentialHeads, "medusa": MedusaHeads}
+HEAD_FAMILIES = {"parallel": ParallelHeads, "sequential": SequentialHeads, "medusa": MedusaHeads,
+                 "slots": SlotHeads}
 
 
 class Transformer(nn.Module):
