@@ -42,7 +42,9 @@ class BlockBatches:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.samples))
         batches = []
-        for pool in np.array_split(order, max(1, -(-len(order) // (POOL * self.batch_size)))):
+        size = POOL * self.batch_size  # a multiple of the batch: only the epoch's last batch is short
+        for start in range(0, len(order), size):
+            pool = order[start:start + size]
             pool = pool[np.argsort(self.lengths[pool], kind="stable")]
             batches += [pool[i:i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))]
