@@ -19,7 +19,7 @@ RECIPE = ROOT / "recipes" / "monostep-gsm8k.toml"
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=64",
         "train.batch_size=16", "train.lr=3e-3", "train.eval_batches=0", "train.log_every=5"]
 SYNTHETIC = ["tokenizer.path=", "tokenizer.vocab_size=300", "data.source=synthetic", "data.path=",
-             "data.eval_path=", "data.n_train=160", "data.n_eval=16"]
+             "data.eval_path=", "data.n_train=64", "data.n_eval=8"]
 
 
 def test_tiny_run_on_generated_problems_writes_the_seeds_artefacts(tmp_path):
