@@ -29,16 +29,17 @@ import os
 import re
 import shutil
 import sys
-import tempfile
+import uuid
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from safetensors.torch import save_file
 
 from .. import __version__
 from ..errors import MtplabError
 from ..tokenizer import CHAT_TEMPLATES, ChatTemplate, Tokenizer
-from .atomic import atomic_write, atomic_write_text, fsync_dir
+from .atomic import fsync_dir
 from .checkpoint import load_model
 from .hf_remote.deepseek_layout import deepseek_name
 
@@ -202,32 +203,44 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, deepseek_layout: 
 
     weights = {name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     layout = "deepseek-v3" if deepseek_layout else "mtplab"
-    generation = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, "do_sample": False}
+    configs = {
+        "config.json": hf_config(model, tokenizer, deepseek_layout),
+        "generation_config.json": {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+                                   "do_sample": False},
+        "tokenizer_config.json": tokenizer_config(tokenizer, model.config.max_seq_len),
+    }
 
+    # The files are written into a fresh sibling directory that is renamed into place at the end,
+    # so `out` never holds a partial export. (Plain writes with the umask's permissions: the whole
+    # directory is what is atomic, and an export is meant to be shared.)
+    tmp = _sibling(out, "tmp")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as exc:
-        raise MtplabError(f"cannot create {out}: {exc.strerror or exc}") from None
-    try:
+        tmp.mkdir(parents=True)
         for file_name, source in remote_code().items():
-            atomic_write_text(tmp / file_name, source)
-        atomic_write(tmp / "model.safetensors", lambda path: save_file(
+            _write(tmp / file_name, lambda path, text=source: path.write_text(text))
+        _write(tmp / "model.safetensors", lambda path: save_file(
             weights, str(path), metadata={"format": "pt", "mtplab_layout": layout}))
-        tokenizer.save(tmp)
-        atomic_write_text(tmp / "tokenizer_config.json",
-                          _json(tokenizer_config(tokenizer, model.config.max_seq_len)))
-        atomic_write_text(tmp / "generation_config.json", _json(generation))
-        atomic_write_text(tmp / "config.json", _json(hf_config(model, tokenizer, deepseek_layout)))
+        _write(tmp / "tokenizer.json", lambda path: tokenizer.hf.save(str(path)))
+        for file_name, value in configs.items():
+            _write(tmp / file_name, lambda path, v=value: path.write_text(json.dumps(v, indent=2) + "\n"))
+        fsync_dir(tmp)
         _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as exc:
+        raise MtplabError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
     return out
 
 
-def _json(value: dict) -> str:
-    return json.dumps(value, indent=2) + "\n"
+def _sibling(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.{kind}"
+
+
+def _write(path: Path, write: Callable[[Path], None]) -> None:
+    write(path)
+    os.chmod(path, path.parent.stat().st_mode & 0o666)  # as the umask has it (safetensors writes 0600)
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
 
 
 def _check_target(checkpoint: Path, out: Path, force: bool) -> None:
@@ -242,16 +255,15 @@ def _check_target(checkpoint: Path, out: Path, force: bool) -> None:
 def _replace_dir(new: Path, target: Path) -> None:
     """Rename `new` to `target`; an old `target` is moved aside first and removed after, so the
     path holds the old export or the new one, never a mix."""
-    old = None
+    old = _sibling(target, "old") if target.exists() else None
+    if old is not None:
+        os.replace(target, old)
     try:
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / target.name)
         os.replace(new, target)
-    except OSError as exc:
-        if old is not None and not target.exists():
-            os.replace(old / target.name, target)
-        raise MtplabError(f"cannot write {target}: {exc.strerror or exc}") from None
+    except OSError:
+        if old is not None:
+            os.replace(old, target)
+        raise
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
