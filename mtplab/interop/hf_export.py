@@ -1,7 +1,7 @@
 """`mtplab export-hf`: a checkpoint as a Hugging Face transformers model directory.
 
     AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)   # no mtplab needed
-    AutoTokenizer.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out, trust_remote_code=True)         # a PreTrainedTokenizerFast
 
 What the directory holds:
 
