@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face transformers model "
+                                         "(AutoModelForCausalLM, trust_remote_code)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="directory to write (built beside it, then renamed)")
+    p.add_argument("--deepseek-layout", action="store_true",
+                   help="sequential heads: store the MTP modules DeepSeek-V3 style, model.layers.{n+j}")
+    p.add_argument("--force", action="store_true", help="replace --out if it is not empty")
+
     p = sub.add_parser("demo", help="train and evaluate on built-in arithmetic problems (minutes, CPU)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -240,6 +248,14 @@ def cmd_ablate(args) -> None:
     del report
 
 
+def cmd_export_hf(args) -> None:
+    from .interop.hf_export import export_hf
+
+    out = export_hf(args.checkpoint, args.out, args.deepseek_layout, args.force)
+    print(f"exported {args.checkpoint} to {out}; load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -248,7 +264,7 @@ def cmd_demo(args) -> None:
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
             "bench": cmd_bench, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
-            "ablate": cmd_ablate}
+            "ablate": cmd_ablate, "export-hf": cmd_export_hf}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,15 +6,16 @@ Unknown keys are errors that list the valid ones, so a typo never silently train
 
 from __future__ import annotations
 
-import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
+# A try block, not a version test: `mtplab export-hf` copies this file into HF remote code, and
+# transformers' import check skips try blocks but would demand tomli even on Python 3.11+.
+try:
     import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .errors import MtplabError
