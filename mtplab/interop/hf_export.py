@@ -193,6 +193,9 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, deepseek_layout: 
     renamed into place). `force` replaces a non-empty `out_dir`."""
     checkpoint, out = Path(checkpoint_dir), Path(out_dir)
     model, tokenizer = load_model(checkpoint)
+    if model.config.arch == "monostep":
+        raise MtplabError(f"{checkpoint} is a Monostep model (no causal LM for transformers): write "
+                          "seed 000's bundle with `mtplab export monostep` instead")
     if deepseek_layout and model.config.mtp != "sequential":
         raise MtplabError(f"the DeepSeek-V3 layout is for sequential MTP heads; {checkpoint} has "
                           f"{model.config.mtp} heads")

@@ -37,6 +37,7 @@ FAMILIES = {
     "parallel": dict(mtp="parallel", n_future=3),
     "sequential": dict(mtp="sequential", n_future=3),
     "medusa": dict(mtp="medusa", n_future=3),
+    "slots": dict(mtp="slots", n_future=4),
     "gpt2-like": dict(pos="learned", norm="layernorm", bias=True, mtp="parallel", n_future=4),
     "nanochat": NANOCHAT,
     "looped": dict(n_layers=4, loop_layers=2, n_think_loops=2, n_kv_heads=2, d_ff=64, mlp="swiglu",
