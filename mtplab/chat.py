@@ -47,7 +47,8 @@ def run_chat(model, tokenizer, read: Callable[[str], str] = input, out: TextIO =
                                 stats=stats):
                 out.write(text.feed(event.tokens))
                 out.flush()
+            out.write(text.flush())
         except KeyboardInterrupt:
-            out.write(" [stopped]")
+            out.write(text.flush() + " [stopped]")
         out.write("\n")
         messages.append({"role": "assistant", "content": text.text})

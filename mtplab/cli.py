@@ -150,7 +150,7 @@ def cmd_generate(args) -> None:
             sys.stdout.write(f"{mark[0]}{piece}{mark[1]}" if accepted and args.show_drafts and piece
                              else piece)
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write(decoder.flush() + "\n")
     if args.show_drafts and stats.forwards:
         acc = " ".join(f"{a:.2f}" for a in stats.acceptance_by_position)
         print(f"{stats.tokens} tokens in {stats.forwards} forwards: {stats.tokens_per_forward:.2f} "

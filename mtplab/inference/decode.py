@@ -34,16 +34,22 @@ def decode(model: Transformer, prompt: list[int], max_new_tokens: int = 128,
 
 
 class TextDecoder:
-    """Incremental detokenization: feed ids, get the new text; waits while a character is split."""
+    """Incremental detokenization: feed ids, get the new text. Trailing replacement characters (a
+    UTF-8 sequence split across tokens, or bytes that never form one) are held back until more text
+    follows or `flush` ends the stream, so that the pieces join to exactly the full decode."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.text = tokenizer, [], ""
 
     def feed(self, ids: list[int]) -> str:
         self.ids.extend(ids)
+        stable = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        delta, self.text = stable[len(self.text):], stable
+        return delta
+
+    def flush(self) -> str:
+        """What is still held back (the end of the stream: nothing more will complete it)."""
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence; wait for the next token
-            return ""
         delta, self.text = text[len(self.text):], text
         return delta
 
@@ -57,6 +63,9 @@ def stream(model: Transformer, tokenizer, prompt: str, chat: bool = False, max_n
     for event in decode(model, tokenizer.encode(text), max_new_tokens, params, tokenizer.eos_id,
                         speculative, n_draft, stats):
         yield decoder.feed(event.tokens), event
+    rest = decoder.flush()
+    if rest:
+        yield rest, Event([], finished=True)
 
 
 def generate(model: Transformer, tokenizer, prompt: str, chat: bool = False, max_new_tokens: int = 128,

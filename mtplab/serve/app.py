@@ -102,6 +102,7 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
     (tests slow it down to press stop mid-answer)."""
     window = model.config.max_seq_len
     vocab = model.config.vocab_size
+    block_model = model.config.arch == "monostep"  # seed 000: one block of slots per forward
     created = int(time.time())
     state: dict[str, Worker | None] = {"worker": None}
 
@@ -203,6 +204,9 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
         problem = body.check_stop()
         if problem:
             raise APIError(400, problem, param="stop")
+        if block_model and (body.speculative or body.n_draft):
+            raise APIError(400, "this is a Monostep model: it decodes in blocks of "
+                           f"{model.n_future} tokens, without speculation", param="speculative")
         if body.n_draft is not None and body.n_draft > model.n_future - 1:
             raise APIError(400, f"n_draft must be between 0 and {model.n_future - 1} (the model has "
                            f"{model.n_future} heads)", param="n_draft")

@@ -90,6 +90,8 @@ def stream_pieces(model, tokenizer, prompt: list[int], max_tokens: int, params: 
         forwards += 1  # each event is one trunk forward (the first one reads the prompt)
         produced += len(event.tokens)
         segments = [(text.feed([t]), a) for t, a in zip(event.tokens, event.accepted)]
+        if event.finished:
+            segments.append((text.flush(), False))
         out, stopped = stops.push(segments)
         finish = None
         if stopped:
@@ -104,7 +106,9 @@ def stream_pieces(model, tokenizer, prompt: list[int], max_tokens: int, params: 
         if finish:
             return
     # a decoder that ends without a finished event still gets its held-back text out
-    out = stops.flush()
+    out, stopped = stops.push([(text.flush(), False)])
+    if not stopped:
+        out += stops.flush()
     yield Piece("".join(t for t, _ in out), out, [], [], [], produced / max(forwards, 1),
                 produced / max(time.perf_counter() - t0, 1e-9), produced,
                 "length" if produced >= max_tokens else "stop", stats)

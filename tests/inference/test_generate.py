@@ -89,3 +89,18 @@ def test_extreme_temperature_and_top_p_still_give_a_distribution():
         assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0]])), params
     huge = next_token_probs(logits, SamplingParams(temperature=1e30))
     assert torch.allclose(huge, torch.full_like(huge, 0.25))
+
+
+def test_text_decoder_pieces_join_to_the_full_decode_even_with_broken_utf8():
+    from mtplab.inference.decode import TextDecoder
+    from mtplab.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["plain ascii text " * 20], 300)
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+    lead, cont = tok.token_to_id("Ã"), tok.token_to_id("©")  # the bytes 0xC3 and 0xA9: "é" when joined
+    for ids in ([a, lead, cont, b], [a, lead, b, cont], [lead], [a, cont, cont], [a, lead, lead, cont]):
+        decoder = TextDecoder(tok)
+        pieces = [decoder.feed([t]) for t in ids] + [decoder.flush()]
+        assert "".join(pieces) == tok.decode(ids), ids
+    decoder = TextDecoder(tok)
+    assert decoder.feed([a, lead]) == "a" and decoder.feed([cont]) == "é"  # a split character waits
