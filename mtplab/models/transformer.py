@@ -74,6 +74,13 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.wte.weight.device
 
+    def set_grad_checkpointing(self, on: bool = True) -> None:
+        """Recompute every block (trunk and heads) in backward instead of keeping its activations:
+        about one block's activations alive per layer instead of all of them, for ~1/3 more compute."""
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.grad_checkpointing = on
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
