@@ -91,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("convert", help="import a GPT-2 (HF), GELU_GPT (gelu-d12) or nanochat checkpoint")
+    p.add_argument("format", metavar="FORMAT", help="gpt2 | gelu-d12 | nanochat")
+    p.add_argument("source", help="the checkpoint directory (or file) to read")
+    p.add_argument("--out", required=True, help="mtplab checkpoint directory to write")
+    p.add_argument("--heads", type=int, default=None,
+                   help="gpt2: parallel heads (1 keeps GPT-2; seed 001: 4 = trunk 0-8, heads 9,10,11,11)")
+    p.add_argument("--head-blocks", default=None, metavar="B,B,...",
+                   help="gpt2: the source block each head starts from, e.g. 9,10,11,11")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.json or a directory with one (default: beside the checkpoint)")
+    p.add_argument("--eos", default=None, help="end-of-text token (default: the tokenizer's usual one)")
+    p.add_argument("--rope-base", type=float, default=None,
+                   help="gelu-d12, nanochat: RoPE base (default: the config's, else 100000)")
+    p.add_argument("--step", type=int, default=None, help="nanochat: model_<step>.pt (default: highest)")
+
     p = sub.add_parser("demo", help="train and evaluate on built-in arithmetic problems (minutes, CPU)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -240,6 +255,21 @@ def cmd_ablate(args) -> None:
     del report
 
 
+def cmd_convert(args) -> None:
+    from .interop.convert import ConvertOptions, convert, parse_blocks
+
+    options = ConvertOptions(heads=args.heads, tokenizer=args.tokenizer, eos=args.eos,
+                             rope_base=args.rope_base, step=args.step,
+                             head_blocks=None if args.head_blocks is None else parse_blocks(args.head_blocks))
+    result = convert(args.format, args.source, args.out, options)
+    for note in result.notes:
+        print(note)
+    print(result.report.summary())
+    model = result.model
+    print(f"wrote {args.out}: {model.num_parameters():,} parameters, {model.n_future} head"
+          f"{'s' if model.n_future > 1 else ''}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -248,7 +278,7 @@ def cmd_demo(args) -> None:
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
             "bench": cmd_bench, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
-            "ablate": cmd_ablate}
+            "ablate": cmd_ablate, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:
