@@ -154,7 +154,8 @@ def convert_gpt2(source: Path, options: ConvertOptions) -> Converted:
     tokenizer, tokenizer_path = load_tokenizer(options.tokenizer, [source], options.eos,
                                                model.config.vocab_size, "GPT-2")
     heads = ", ".join(f"head {k} <- block {b}" for k, b in enumerate(sources))
-    notes = [f"trunk: embeddings + blocks 0-{trunk - 1}; {heads}; shared final LayerNorm; "
+    blocks = f"blocks 0-{trunk - 1}" if trunk > 1 else "block 0"
+    notes = [f"trunk: embeddings + {blocks}; {heads}; shared final LayerNorm; "
              f"unembedding {'tied to wte' if model.config.tie_embeddings else 'untied'}",
              f"tokenizer: {tokenizer_path} ({tokenizer.vocab_size} tokens, eos {tokenizer.eos!r})"]
     return Converted(model, tokenizer, report, notes,

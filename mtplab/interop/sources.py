@@ -38,7 +38,9 @@ def torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's message carries terminal colours
+        needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        why = f"it needs {needed.group(1)}" if needed else (text.strip().splitlines() or ["?"])[0]
         raise MtplabError(f"{path} is not a plain weights file: torch.load(weights_only=True) refused "
                           f"it ({why}); mtplab does not unpickle arbitrary objects") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
