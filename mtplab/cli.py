@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face transformers model "
+                                         "(AutoModelForCausalLM, trust_remote_code)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="directory to write (built beside it, then renamed)")
+    p.add_argument("--deepseek-layout", action="store_true",
+                   help="sequential heads: store the MTP modules DeepSeek-V3 style, model.layers.{n+j}")
+    p.add_argument("--force", action="store_true", help="replace --out if it is not empty")
+
     p = sub.add_parser("convert", help="import a GPT-2 (HF), GELU_GPT (gelu-d12) or nanochat checkpoint")
     p.add_argument("format", metavar="FORMAT", help="gpt2 | gelu-d12 | nanochat")
     p.add_argument("source", help="the checkpoint directory (or file) to read")
@@ -255,6 +263,14 @@ def cmd_ablate(args) -> None:
     del report
 
 
+def cmd_export_hf(args) -> None:
+    from .interop.hf_export import export_hf
+
+    out = export_hf(args.checkpoint, args.out, args.deepseek_layout, args.force)
+    print(f"exported {args.checkpoint} to {out}; load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+
+
 def cmd_convert(args) -> None:
     from .interop.convert import ConvertOptions, convert, parse_blocks
 
@@ -278,7 +294,7 @@ def cmd_demo(args) -> None:
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
             "bench": cmd_bench, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
-            "ablate": cmd_ablate, "convert": cmd_convert}
+            "ablate": cmd_ablate, "export-hf": cmd_export_hf, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,15 +6,16 @@ Unknown keys are errors that list the valid ones, so a typo never silently train
 
 from __future__ import annotations
 
-import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
+# A try block, not a version test: `mtplab export-hf` copies this file into HF remote code, and
+# transformers' import check skips try blocks but would demand tomli even on Python 3.11+.
+try:
     import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .errors import MtplabError
@@ -22,6 +23,9 @@ from .errors import MtplabError
 
 @dataclass
 class ModelConfig:
+    # causal: mtplab's decoder (every flag below); monostep: seed 000's pooled encoder + slot heads
+    # (reads vocab_size, d_model, n_layers, n_heads, max_seq_len, n_future = slots, dropout only)
+    arch: str = "causal"
     vocab_size: int = 0  # 0: take the tokenizer's size, rounded up to a multiple of 64
     d_model: int = 128
     n_layers: int = 2  # shared trunk blocks
@@ -39,7 +43,9 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     # Multi-token prediction: head k predicts token t+1+k from position t; head 0 is next-token.
-    mtp: str = "parallel"  # parallel (Gloeckle et al.) | sequential (DeepSeek-V3) | medusa
+    # parallel (Gloeckle et al.) | sequential (DeepSeek-V3) | medusa | slots (seed 000's chained
+    # slot MLPs, reading the causal trunk's state at each position instead of a pooled summary)
+    mtp: str = "parallel"
     n_future: int = 1  # number of heads, next-token head included
     head_layers: int = 1  # blocks in each parallel head (sequential modules have one)
     loss_weights: list[float] = field(default_factory=list)  # one per head; empty: see mtp_lambda
@@ -62,11 +68,12 @@ class ModelConfig:
     loop_layers: int = 0
     n_think_loops: int = 1
     low_rank: int = 0  # >0: every attention/MLP projection is factored as (out x r)(r x in)
+    empty_token: int = -1  # monostep: id of <empty>, the slot-padding label (never scored or emitted)
 
     def __post_init__(self) -> None:
-        choices = {"pos": ("rope", "learned"), "norm": ("rmsnorm", "layernorm"),
+        choices = {"arch": ("causal", "monostep"), "pos": ("rope", "learned"), "norm": ("rmsnorm", "layernorm"),
                    "mlp": ("gelu", "swiglu", "relu2"),
-                   "mtp": ("parallel", "sequential", "medusa")}
+                   "mtp": ("parallel", "sequential", "medusa", "slots")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise MtplabError(f"model.{name} must be one of {', '.join(allowed)}, "
@@ -187,6 +194,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    epochs: int = 0  # monostep: passes over the (prefix, next block) samples (steps is then unused)
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3

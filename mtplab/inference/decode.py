@@ -1,14 +1,18 @@
 """Text in, text out: picks plain or speculative decoding and detokenizes the event stream.
 
 Speculation is on by default when the model has heads beyond the next-token head; it never changes
-the output (see speculative.py), only how many tokens each forward pass yields.
+the output (see speculative.py), only how many tokens each forward pass yields. A Monostep model
+(seed 000) always decodes in blocks (see blocks.py).
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
+from ..errors import MtplabError
+from ..models.monostep import Monostep
 from ..models.transformer import Transformer
+from .blocks import generate_blocks
 from .generate import Event, generate_plain
 from .sampling import SamplingParams
 from .speculative import SpeculativeStats, generate_speculative
@@ -18,6 +22,10 @@ def decode(model: Transformer, prompt: list[int], max_new_tokens: int = 128,
            params: SamplingParams = SamplingParams(), eos_id: int | None = None,
            speculative: bool | None = None, n_draft: int | None = None,
            stats: SpeculativeStats | None = None) -> Iterator[Event]:
+    if isinstance(model, Monostep):
+        if speculative:
+            raise MtplabError("a Monostep model decodes in blocks: it has no speculative decoding")
+        return generate_blocks(model, prompt, max_new_tokens, params, eos_id)
     if speculative is None:
         speculative = model.n_future > 1
     if speculative:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..config import ModelConfig, model_config_from_dict
 from ..errors import MtplabError
+from ..models.build import build_model
 from ..models.transformer import Transformer
 from ..tokenizer import Tokenizer
 from .atomic import atomic_write, atomic_write_text
@@ -85,15 +86,16 @@ def load_weights(directory: str | Path) -> tuple[dict[str, torch.Tensor], int]:
         raise MtplabError(f"{path} is unreadable (truncated or corrupt?): {exc}") from None
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
-    """The model and tokenizer of a checkpoint directory, ready for inference."""
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
+    """The model (a `Transformer`, or a `Monostep` for seed 000's architecture) and tokenizer of a
+    checkpoint directory, ready for inference."""
     config = read_config(directory)
     model_config: ModelConfig = model_config_from_dict(config["model"], f"{directory}/{CONFIG}")
     tokenizer = load_tokenizer(directory, config)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise MtplabError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
                           f"holds {model_config.vocab_size}")
-    model = Transformer(model_config)
+    model = build_model(model_config)
     state, _ = load_weights(directory)
     load_state(model, state, Path(directory) / WEIGHTS)
     return model.to(device).eval(), tokenizer

@@ -9,6 +9,9 @@ hidden state [B, T_k, D] that feeds them.
   only be computed where token t+k is known (T - k positions).
 - medusa (Cai et al. 2024): head 0 is the trunk itself; head k >= 1 is a residual SiLU block on the
   final normed hidden state and a vocabulary projection of its own (not the shared unembedding).
+- slots (seed 000 on a causal trunk): slot k maps [x_t, h_{k-1}] to h_k = norm(h_{k-1} + MLP(...))
+  with h_{-1} a learned init state, where x_t is the normed trunk state at position t (Monostep's
+  pooled prefix summary, made causal so every block start of a sequence trains in one pass).
 """
 
 from __future__ import annotations
@@ -147,3 +150,45 @@ class MedusaHeads(nn.Module):
     def logits(self, k: int, normed: torch.Tensor) -> torch.Tensor:
         x = normed + F.silu(self.blocks[k - 1](normed))
         return self.lm_heads[k - 1](x)
+
+
+class Slot(nn.Module):
+    """One slot: a residual GELU MLP over [x_t, h_prev] and a norm (seed 000's `Slot` minus its own
+    vocabulary projection: slots here share the model's unembedding)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.d_model
+        self.ff = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, d))
+        self.norm = make_norm(config)
+
+    def forward(self, x: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
+        return self.norm(h_prev + self.ff(torch.cat([x, h_prev], dim=-1)))
+
+
+class SlotHeads(nn.Module):
+    chained = False  # each head is computed from the trunk output (through the slots before it)
+    shared_unembedding = True
+
+    def __init__(self, config: ModelConfig, first_layer: int):
+        super().__init__()
+        self.in_norm = make_norm(config)
+        self.init_state = nn.Parameter(torch.zeros(config.d_model))
+        self.slots = nn.ModuleList(Slot(config) for _ in range(config.n_future))
+        self.n_layers = 0  # no attention: nothing in the cache
+
+    def hidden_all(self, n: int, h_in: torch.Tensor, rotary: Rotary | None = None,
+                   mask: AttentionMask | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
+        """Slots 0..n-1 along one chain: [B, T, D] each."""
+        x = self.in_norm(h_in)
+        h, out = self.init_state.expand_as(x), []
+        for slot in self.slots[:n]:
+            h = slot(x, h)
+            out.append(h)
+        return out
+
+    def hidden(self, k: int, h_in: torch.Tensor, ids: torch.Tensor, embed: Callable,
+               rotary: Rotary | None, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+        # Recomputing slots < k costs a few small MLPs and lets each head's loss back-propagate on
+        # its own (losses.backward_heads), gradients reaching the earlier slots it depends on.
+        return self.hidden_all(k + 1, h_in)[k]

@@ -21,15 +21,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .heads import MedusaHeads, ParallelHeads, SequentialHeads
+from .heads import MedusaHeads, ParallelHeads, SequentialHeads, SlotHeads
 from .kv_cache import KVCache
 from .layers import AttentionMask, Block, Rotary, init_weights, make_norm
 
-HEAD_FAMILIES = {"parallel": ParallelHeads, "sequential": SequentialHeads, "medusa": MedusaHeads}
+HEAD_FAMILIES = {"parallel": ParallelHeads, "sequential": SequentialHeads, "medusa": MedusaHeads,
+                 "slots": SlotHeads}
 
 
 class Transformer(nn.Module):
     stack_heads = True  # batch one-block heads at inference (off while FSDP shards the weights)
+    cache_class = KVCache  # what `new_cache` makes (the HF export's wrapper uses a subclass)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -180,9 +182,9 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """A cache laid out for the current `n_think_loops` (it keeps that count while in use)."""
         c = self.config
-        return KVCache(self.cache_layers(self.n_think_loops) + self.heads.n_layers, batch, c.kv_heads,
-                       max_len or c.max_seq_len, c.head_dim, device=self.device,
-                       dtype=dtype or self.wte.weight.dtype, n_loops=self.n_think_loops)
+        return self.cache_class(self.cache_layers(self.n_think_loops) + self.heads.n_layers, batch,
+                                c.kv_heads, max_len or c.max_seq_len, c.head_dim, device=self.device,
+                                dtype=dtype or self.wte.weight.dtype, n_loops=self.n_think_loops)
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None,
                       n_heads: int | None = None) -> list[torch.Tensor]:

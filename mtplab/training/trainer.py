@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import random
 import sys
 import time
@@ -75,7 +76,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -87,7 +88,7 @@ def _numpy_state() -> dict:
     return {"name": name, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached": cached}
 
 
-def _restore_rng(state: dict) -> None:
+def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
@@ -98,9 +99,11 @@ def _restore_rng(state: dict) -> None:
 
 
 def resolve_vocab(config: Config, vocab_size: int) -> None:
-    """Size the model's vocabulary from the tokenizer (multiple of 64), or check that it fits."""
+    """Size the model's vocabulary from the tokenizer (a multiple of 64; exactly for Monostep, as
+    seed 000's 50262), or check that it fits."""
     if config.model.vocab_size == 0:
-        config.model.vocab_size = 64 * -(-vocab_size // 64)
+        exact = config.model.arch == "monostep"
+        config.model.vocab_size = vocab_size if exact else 64 * -(-vocab_size // 64)
     elif vocab_size > config.model.vocab_size:
         raise MtplabError(f"tokenizer has {vocab_size} tokens but model.vocab_size is "
                           f"{config.model.vocab_size}: the vocabulary does not fit the model")
@@ -108,7 +111,14 @@ def resolve_vocab(config: Config, vocab_size: int) -> None:
 
 def train(config: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train the model described by `config`, writing a checkpoint directory to `out_dir`. Under
-    torchrun this process is one rank of a data-parallel run (see distributed.py)."""
+    torchrun this process is one rank of a data-parallel run (see distributed.py). A Monostep model
+    (model.arch = monostep) trains with seed 000's recipe instead (see monostep.py)."""
+    if config.model.arch == "monostep":
+        from .monostep import train_monostep
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise MtplabError("monostep training runs in one process (no torchrun)")
+        return train_monostep(config, Path(out_dir), resume, progress)
     device = pick_device(config.train.device)
     ranks = distributed.start(device)
     if ranks.active and device.type == "cuda":
@@ -187,7 +197,7 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
         dataset.train.load_state_dict(state["data"])
         if superposed is not None and "tst_data" in state:
             superposed.load_state_dict(state["tst_data"])
-        _restore_rng(state["rng"])
+        restore_rng(state["rng"])
         guard.skipped = state.get("nonfinite_steps", 0)
         last_good = str(directory)
     if ranks.main:
@@ -211,7 +221,7 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
                                         else (None, optimizer.state_dict()))
         if not ranks.main:
             return last_good
-        state = {"step": step, "optimizer": optimizer_state, "rng": _rng_state(),
+        state = {"step": step, "optimizer": optimizer_state, "rng": rng_state(),
                  "data": dataset.train.state_dict(), "nonfinite_steps": guard.skipped}
         if superposed is not None:
             state["tst_data"] = superposed.state_dict()

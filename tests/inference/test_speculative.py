@@ -13,7 +13,7 @@ from mtplab.inference.speculative import Randomness, SpeculativeStats, generate_
 from mtplab.models.transformer import Transformer
 from mtplab.training.losses import backward_heads
 
-FAMILIES = ["parallel", "sequential", "medusa"]
+FAMILIES = ["parallel", "sequential", "medusa", "slots"]
 
 
 def spec_ids(model, prompt, n, params=SamplingParams(), **kw):
@@ -116,6 +116,9 @@ def test_wrong_heads_still_return_the_plain_output(oracle):
         elif model.config.mtp == "sequential":  # the depths see noise, not the trunk and embedding
             for module in broken.heads.modules_:
                 module.eh_proj.weight.normal_(0, 5.0)
+        elif model.config.mtp == "slots":  # slots 1..3 see noise instead of the trunk state
+            for slot in broken.heads.slots[1:]:
+                slot.ff[0].weight.normal_(0, 5.0)
         else:  # Medusa: heads 1 and 3 swap their vocabulary projections
             lm = broken.heads.lm_heads
             lm[0].weight.copy_(model.heads.lm_heads[2].weight)

@@ -19,7 +19,7 @@ def chains(perm: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor
     return x
 
 
-@pytest.mark.parametrize("family", ["parallel", "sequential", "medusa"])
+@pytest.mark.parametrize("family", ["parallel", "sequential", "medusa", "slots"])
 def test_head_k_predicts_token_t_plus_1_plus_k(family):
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(V, generator=gen)

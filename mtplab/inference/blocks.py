@@ -1,0 +1,43 @@
+"""Block-autoregressive decoding of a Monostep model (seed 000): one forward yields SLOTS tokens.
+
+Seed 000's rules: the slots are decoded independently (argmax each, or sampled each), `<empty>`
+tokens are dropped, the rest of the block is appended to the context, which keeps its last
+max_len tokens; decoding ends after an empty block or a block holding eos, or after
+max_new_tokens // SLOTS blocks. As in the seed, tokens a block holds after its eos still count
+(eos itself is never emitted). Unlike the seed, a prompt longer than max_len is cut too.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..errors import MtplabError
+from ..models.monostep import Monostep
+from .generate import Event
+from .sampling import SamplingParams, sample
+
+
+@torch.no_grad()
+def generate_blocks(model: Monostep, prompt: list[int], max_new_tokens: int = 128,
+                    params: SamplingParams = SamplingParams(), eos_id: int | None = None) -> Iterator[Event]:
+    if not prompt:
+        raise MtplabError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise MtplabError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    window, empty = model.config.max_seq_len, model.config.empty_token
+    generator = params.generator(model.device)
+    ids = torch.tensor([prompt[-window:]], device=model.device)
+    n_blocks = max(1, max_new_tokens // model.n_future)
+    for b in range(n_blocks):
+        logits = model(ids)[0]  # [SLOTS, V]
+        block = [t for t in sample(logits, params, generator).tolist() if t != empty]
+        if not block:
+            yield Event([], finished=True)
+            return
+        done = eos_id in block or b == n_blocks - 1
+        yield Event([t for t in block if t != eos_id], finished=done)
+        if done:
+            return
+        ids = torch.cat([ids, torch.tensor([block], device=ids.device)], dim=1)[:, -window:]

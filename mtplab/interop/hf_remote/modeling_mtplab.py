@@ -1,0 +1,114 @@
+"""`MtplabForCausalLM`: mtplab's `Transformer` as a transformers causal LM with `generate()`.
+
+The mtplab model is the submodule `model`, so the weights keep mtplab's own state-dict names behind
+a `model.` prefix (or DeepSeek-V3's names for sequential MTP modules, see deepseek_layout.py).
+`logits` are head 0's, the model's next-token distribution; `output_mtp_logits=True` adds every
+head's (head k predicts token t+1+k from position t), for drafting. `past_key_values` is mtplab's
+own preallocated KV cache, made by a forward with `use_cache=True` and passed back in.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ...models.kv_cache import KVCache
+from ...models.layers import Rotary
+from ...models.transformer import Transformer
+from .configuration_mtplab import MtplabConfig
+from .deepseek_layout import use_deepseek_names
+
+
+class MtplabCache(KVCache):
+    """mtplab's KV cache, sized for `max_seq_len`, plus what `generate()` asks of a cache."""
+
+    n_heads = 1  # parallel heads whose blocks the cache follows; set when the cache starts
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+
+@dataclass
+class MtplabCausalLMOutput(CausalLMOutputWithPast):
+    """`logits` are head 0's; `mtp_logits[k]` head k's ([B, T_k, V]; T_k = T - k for sequential
+    depths, which need the tokens after each position)."""
+
+    mtp_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+class MtplabForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = MtplabConfig
+    base_model_prefix = "model"
+    _supports_sdpa = True  # mtplab always attends through F.scaled_dot_product_attention
+
+    def __init__(self, config: MtplabConfig):
+        super().__init__(config)
+        self.model = Transformer(config.model_config())
+        self.model.cache_class = MtplabCache
+        if config.num_nextn_predict_layers:
+            use_deepseek_names(self.model)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not make a DynamicCache: forward makes an MtplabCache
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.wte
+
+    @torch.no_grad()
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        # Every weight comes from the checkpoint (or from mtplab's own init when the model is built
+        # directly). Only the rotary tables are not saved: from_pretrained builds the model on the
+        # meta device, so they are computed again here.
+        if isinstance(module, Rotary):
+            c = self.model.config
+            with torch.device("cpu"):
+                fresh = Rotary(c.head_dim, c.max_seq_len, c.rope_base)
+            module.cos.copy_(fresh.cos)
+            module.sin.copy_(fresh.sin)
+            module._memo = (None, None)
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                past_key_values: MtplabCache | None = None, use_cache: bool | None = None,
+                labels: torch.LongTensor | None = None, logits_to_keep: int = 0,
+                output_mtp_logits: bool = False, return_dict: bool | None = None,
+                **kwargs) -> MtplabCausalLMOutput | tuple:
+        """input_ids [B, T] continue the positions in `past_key_values` (if given). `use_cache`
+        (default off) starts a cache when none is given. `logits_to_keep` > 0: logits of the last
+        that many positions only. `labels`: the usual shifted next-token loss on head 0."""
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("MtplabForCausalLM takes input_ids, not inputs_embeds")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("mtplab models have no padding mask: pass unpadded prompts of one length")
+        heads = self.model.heads
+        n_heads = self.model.n_future if output_mtp_logits else 1
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.model.new_cache(batch=input_ids.size(0))
+            cache.n_heads = n_heads
+        if cache is not None and heads.n_layers:  # parallel heads keep their blocks in the cache
+            followed = getattr(cache, "n_heads", 1)
+            if n_heads > followed:
+                raise ValueError("this cache follows head 0 only: start it with output_mtp_logits=True "
+                                 "to get every head's logits")
+            n_heads = followed  # keep every head the cache follows up to date
+        if cache is not None and heads.chained and output_mtp_logits:
+            raise ValueError("sequential MTP depths need the tokens after each position: ask for "
+                             "mtp_logits without a cache (use_cache=False)")
+
+        hidden = self.model.hidden_states(input_ids, cache, n_heads)
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.model.head_logits(0, hidden[0][:, keep])
+        mtp_logits = None
+        if output_mtp_logits:
+            mtp_logits = (logits,) + tuple(self.model.head_logits(k, h[:, keep])
+                                           for k, h in enumerate(hidden) if k > 0)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        out = MtplabCausalLMOutput(loss=loss, logits=logits, past_key_values=cache, mtp_logits=mtp_logits)
+        return out if return_dict is not False else out.to_tuple()

@@ -1,0 +1,174 @@
+"""Seed 000's training recipe for a Monostep model: (prefix, next block) samples, mean cross-entropy
+over the slots with `<empty>` unscored, AdamW, gradient clipping, a fixed number of epochs, and a
+held-out evaluation after each.
+
+A run directory holds what the seed publishes beside mtplab's checkpoint files: `metrics.json`
+(per-epoch train/eval loss), `loss.png` and `monostep_bundle.pt` (the seed's format, see
+interop/monostep.py). Checkpoints are saved after every epoch and on a stop signal, so `--resume`
+continues mid-epoch exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..data.blocks import BlockBatches
+from ..data.pipeline import build_tokenizer, chat_pairs, load_examples
+from ..errors import MtplabError
+from ..evaluation.block_loss import monostep_block_loss, slot_cross_entropy
+from ..interop.atomic import atomic_write, atomic_write_text
+from ..interop.checkpoint import load_state, load_tokenizer
+from ..models.monostep import Monostep
+from .checkpoints import load_latest, remove_partial_writes, save_step, step_dirs
+from .faults import NonFiniteGuard, StopSignals
+from .schedules import lr_multiplier
+from .trainer import (TrainResult, autocast_for, pick_device, resolve_vocab, restore_rng, rng_state,
+                      seed_everything)
+
+METRICS_JSON, LOSS_PLOT, BUNDLE = "metrics.json", "loss.png", "monostep_bundle.pt"
+
+
+def train_monostep(config: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> TrainResult:
+    t_cfg, m_cfg = config.train, config.model
+    if t_cfg.epochs < 1:
+        raise MtplabError("a monostep recipe trains for train.epochs (>= 1) passes over its samples")
+    if config.data.format != "chat":
+        raise MtplabError("a monostep model trains on question/answer data (data.format = chat)")
+    device = pick_device(t_cfg.device)
+    seed_everything(t_cfg.seed)
+    checkpoint = tokenizer = None
+    if resume:
+        if not out_dir.is_dir():
+            raise MtplabError(f"cannot resume: {out_dir} does not exist")
+        remove_partial_writes(out_dir)
+        checkpoint = load_latest(out_dir)
+        if checkpoint is not None:
+            tokenizer = load_tokenizer(checkpoint[3])
+    if checkpoint is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and step_dirs(out_dir):
+            raise MtplabError(f"{out_dir} already holds a training run: pass --resume, or choose another --out")
+
+    train_examples, eval_examples = load_examples(config)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(config, [f"{ex['question']}\n{ex['answer']}" for ex in train_examples])
+    empty_id = tokenizer.token_to_id("<empty>")
+    if empty_id is None:
+        raise MtplabError("a monostep model needs the <empty> token: add it to tokenizer.special_tokens")
+    m_cfg.empty_token = empty_id
+    resolve_vocab(config, tokenizer.vocab_size)
+
+    def batches(examples: list[dict], seed: int) -> BlockBatches:
+        return BlockBatches(chat_pairs(examples, tokenizer), m_cfg.n_future, t_cfg.batch_size,
+                            tokenizer.pad_id, empty_id, m_cfg.max_seq_len, seed)
+
+    train_b, eval_b = batches(train_examples, t_cfg.seed), batches(eval_examples, t_cfg.seed)
+    model = Monostep(m_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, betas=(t_cfg.beta1, t_cfg.beta2),
+                                  weight_decay=t_cfg.weight_decay)
+    total_steps = t_cfg.epochs * len(train_b)
+    history = {"train_loss": [], "eval_loss": []}
+    step, epoch_sum, epoch_count = 0, 0.0, 0
+    guard = NonFiniteGuard(t_cfg.max_nonfinite_steps)
+    if checkpoint is not None:
+        step, weights, state, directory = checkpoint
+        load_state(model, weights, directory)
+        optimizer.load_state_dict(state["optimizer"])
+        train_b.load_state_dict(state["data"])
+        history = state["history"]
+        epoch_sum, epoch_count = state["epoch_loss"]
+        restore_rng(state["rng"])
+    run_config = config.to_dict()
+    autocast = autocast_for(device, t_cfg.dtype)
+    eval_limit = t_cfg.eval_batches or None  # 0: the whole held-out split
+
+    def save() -> str:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                 "data": train_b.state_dict(), "history": history, "epoch_loss": [epoch_sum, epoch_count]}
+        return str(save_step(out_dir, step, model, tokenizer, run_config, state, t_cfg.keep_checkpoints))
+
+    result = TrainResult(model, None, out_dir, step)
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="batch", dynamic_ncols=True,
+               desc=f"monostep {model.num_parameters() / 1e6:.2f}M")
+    t0, last_good = time.perf_counter(), "none"
+    model.train()
+    with StopSignals() as signals:
+        while step < total_steps:
+            mult = lr_multiplier(step, total_steps, t_cfg.warmup_steps, t_cfg.schedule,
+                                 t_cfg.min_lr_ratio, t_cfg.decay_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = t_cfg.lr * mult
+            ids, mask, targets = (t.to(device) for t in train_b.next())
+            with autocast():
+                logits = model(ids, mask)
+            total, count = slot_cross_entropy(logits, targets, empty_id)
+            loss = total.sum() / count.sum().clamp_min(1)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.clip or float("inf")))
+            if guard.check(step + 1, [loss.item()], grad_norm, last_good):
+                optimizer.step()
+                epoch_sum, epoch_count = epoch_sum + loss.item(), epoch_count + 1
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % t_cfg.log_every == 0:
+                bar.set_postfix(epoch=train_b.epoch + 1, loss=f"{loss.item():.3f}")
+            if step % len(train_b) == 0:  # an epoch ends: evaluate, record, save
+                model.eval()
+                with autocast():
+                    held_out = monostep_block_loss(model, eval_b, eval_limit)
+                model.train()
+                history["train_loss"].append(epoch_sum / max(epoch_count, 1))
+                history["eval_loss"].append(held_out["loss"])
+                result.eval_head_losses = held_out["slot_losses"]
+                epoch_sum, epoch_count = 0.0, 0
+                bar.write(f"epoch {len(history['eval_loss'])}: train {history['train_loss'][-1]:.3f}, "
+                          f"eval {held_out['loss']:.3f}")
+                last_good = save()
+                write_metrics(out_dir, history)
+            elif signals.received:
+                last_good = save()
+            if signals.received:
+                result.stopped_by = signals.name
+                break
+    bar.close()
+    result.step, result.head_losses = step, [epoch_sum / max(epoch_count, 1)]
+    result.nonfinite_steps, result.seconds = guard.skipped, time.perf_counter() - t0
+    if not result.stopped_by:
+        from ..interop.monostep import export_bundle
+
+        write_metrics(out_dir, history)
+        model.eval()
+        export_bundle(out_dir, out_dir / BUNDLE, model=model, tokenizer=tokenizer)
+    return result
+
+
+def write_metrics(out_dir: Path, history: dict) -> None:
+    atomic_write_text(out_dir / METRICS_JSON, json.dumps(history, indent=2) + "\n")
+    plot_epochs(history, out_dir / LOSS_PLOT)
+
+
+def plot_epochs(history: dict, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = range(1, len(history["train_loss"]) + 1)
+    ax.plot(epochs, history["train_loss"], "o-", label="train")
+    ax.plot(epochs, history["eval_loss"], "o--", label="eval")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy over the slots (nats/token)")
+    ax.set_title("Monostep block loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
