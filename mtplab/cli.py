@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gelu-d12, nanochat: RoPE base (default: the config's, else 100000)")
     p.add_argument("--step", type=int, default=None, help="nanochat: model_<step>.pt (default: highest)")
 
+    p = sub.add_parser("export", help="write a checkpoint in a seed's own format (monostep: seed 000's bundle)")
+    p.add_argument("format", choices=["monostep"])
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="the file to write, e.g. monostep_bundle.pt")
+
     p = sub.add_parser("demo", help="train and evaluate on built-in arithmetic problems (minutes, CPU)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -136,7 +141,8 @@ def cmd_train(args) -> None:
         print(f"mtplab: {result.nonfinite_steps} step(s) skipped for a non-finite loss or gradient",
               file=sys.stderr)
     losses = ", ".join(f"head {k} {l:.3f}" for k, l in enumerate(result.eval_head_losses))
-    print(f"trained to step {result.step} in {result.seconds:.1f} s; held-out loss: {losses}; "
+    limit = " (train.time_limit reached)" if result.time_limited else ""
+    print(f"trained to step {result.step}{limit} in {result.seconds:.1f} s; held-out loss: {losses}; "
           f"checkpoint: {result.out_dir}")
 
 
@@ -286,6 +292,13 @@ def cmd_convert(args) -> None:
           f"{'s' if model.n_future > 1 else ''}")
 
 
+def cmd_export(args) -> None:
+    from .interop.monostep import export_bundle
+
+    out = export_bundle(args.checkpoint, args.out)
+    print(f"wrote seed 000's bundle {out}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -294,7 +307,8 @@ def cmd_demo(args) -> None:
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
             "bench": cmd_bench, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
-            "ablate": cmd_ablate, "export-hf": cmd_export_hf, "convert": cmd_convert}
+            "ablate": cmd_ablate, "export-hf": cmd_export_hf,
+            "export": cmd_export, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

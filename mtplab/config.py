@@ -215,6 +215,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block in backward: less activation memory
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (bf16 autocast on a GPU that has it) | fp32 | bf16
+    time_limit: float = 0.0  # seconds of training after which the run ends as if done (0: off)
     keep_checkpoints: int = 2  # step directories kept under checkpoints/ (0: all)
     max_nonfinite_steps: int = 10  # consecutive skipped non-finite steps before the run gives up
     parallel: str = "ddp"  # under torchrun: ddp (replicas, gradients summed) | fsdp (FSDP2 shards)
@@ -244,6 +245,8 @@ class TrainConfig:
             raise MtplabError(f"train.tst_fraction must be between 0 and 1, got {self.tst_fraction}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise MtplabError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.time_limit < 0:
+            raise MtplabError(f"train.time_limit must be >= 0 seconds, got {self.time_limit}")
         if self.keep_checkpoints < 0 or self.max_nonfinite_steps < 1:
             raise MtplabError("train.keep_checkpoints must be >= 0 and train.max_nonfinite_steps >= 1")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:

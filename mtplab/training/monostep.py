@@ -119,7 +119,8 @@ def train_monostep(config: Config, out_dir: Path, resume: bool = False, progress
             bar.update(1)
             if step % t_cfg.log_every == 0:
                 bar.set_postfix(epoch=train_b.epoch + 1, loss=f"{loss.item():.3f}")
-            if step % len(train_b) == 0:  # an epoch ends: evaluate, record, save
+            time_up = bool(t_cfg.time_limit) and time.perf_counter() - t0 >= t_cfg.time_limit
+            if step % len(train_b) == 0 or time_up:  # an epoch (or the time) ends: evaluate, record, save
                 model.eval()
                 with autocast():
                     held_out = monostep_block_loss(model, eval_b, eval_limit)
@@ -136,6 +137,9 @@ def train_monostep(config: Config, out_dir: Path, resume: bool = False, progress
                 last_good = save()
             if signals.received:
                 result.stopped_by = signals.name
+                break
+            if time_up:
+                result.time_limited = True
                 break
     bar.close()
     result.step, result.head_losses = step, [epoch_sum / max(epoch_count, 1)]

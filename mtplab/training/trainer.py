@@ -48,6 +48,7 @@ class TrainResult:
     seconds: float = 0.0
     nonfinite_steps: int = 0  # updates skipped for a non-finite loss or gradient
     stopped_by: str = ""  # the signal that ended the run early (a checkpoint was saved)
+    time_limited: bool = False  # train.time_limit ended the run (evaluated and saved as a last step)
     main: bool = True  # rank 0 (the process that writes), or a single process
 
 
@@ -277,9 +278,10 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
             if not sharded:  # FSDP reduces the gradients itself, during backward
                 distributed.sum_gradients(ranks, model)
             # one all-reduce for the losses and the stop flag, so that every rank decides alike
-            shared = distributed.sum_(ranks, torch.tensor(head_losses + [float(bool(signals.received))],
-                                                          dtype=torch.float64))
-            head_losses, stop = shared[:-1].tolist(), bool(shared[-1])
+            time_up = bool(t_cfg.time_limit) and time.perf_counter() - t0 >= t_cfg.time_limit
+            shared = distributed.sum_(ranks, torch.tensor(head_losses + [float(bool(signals.received)),
+                                                                         float(time_up)], dtype=torch.float64))
+            head_losses, stop, time_up = shared[:-2].tolist(), bool(shared[-2]), bool(shared[-1])
             grads = [p.grad for p in trainable if p.grad is not None]
             if t_cfg.clip > 0:
                 grad_norm = distributed.to_float(torch.nn.utils.clip_grad_norm_(trainable, t_cfg.clip))
@@ -307,11 +309,14 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
                     row["nonfinite_steps"] = guard.skipped
                 _append(out_dir / METRICS, row)
                 bar.set_postfix(loss=f"{loss:.3f}", head0=f"{head_losses[0]:.3f}", tok_s=f"{tok_s:,.0f}")
-            scheduled = done % t_cfg.eval_every == 0 or done == t_cfg.steps
+            scheduled = done % t_cfg.eval_every == 0 or done == t_cfg.steps or time_up
             if scheduled and (ranks.main or sharded):
                 evaluate(done)
             if (scheduled or stop) and (ranks.main or sharded):
                 last_good = save(done)
+            if time_up and not stop:  # a finished run, only shorter: evaluated and saved above
+                result.time_limited = True
+                break
             if stop:
                 result.stopped_by = signals.name or "a stop signal on another rank"
                 break

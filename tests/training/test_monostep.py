@@ -80,3 +80,11 @@ def test_tiny_gsm8k_run_with_the_gpt2_tokenizer(tmp_path):
     bundle = read_bundle(tmp_path / "run" / "monostep_bundle.pt")
     assert bundle["config"]["vocab_size"] == 50262
     assert len(bundle["eval_history"]) == 1 and bundle["eval_history"][0] > 0
+
+
+def test_time_limit_ends_a_monostep_run_with_its_artefacts(tmp_path):
+    config = load_config(RECIPE, TINY + SYNTHETIC + ["train.epochs=1000", "train.time_limit=1.5"])
+    result = mtplab.train(config, tmp_path / "run", progress=False)
+    assert result.time_limited and result.step < 1000 * 4
+    bundle = read_bundle(tmp_path / "run" / "monostep_bundle.pt")
+    assert len(bundle["eval_history"]) >= 1

@@ -114,3 +114,20 @@ def test_init_from_refuses_to_drop_weights(tmp_path, tiny_run):
     config = load_config(TINY, SMALL + ["model.mtp=medusa", f"train.init_from={out}"])
     with pytest.raises(MtplabError, match="weights it would drop: heads.heads.0.0"):
         trainer.train(config, tmp_path / "m", progress=False)
+
+
+def test_time_limit_ends_the_run_as_if_finished(tmp_path, capsys):
+    from mtplab.cli import main
+
+    out = tmp_path / "timed"
+    code = main(["train", "--recipe", str(TINY), "--out", str(out), "--quiet", "--set", "train.steps=1000000",
+                 "--set", "train.eval_every=1000000", "--set", "train.time_limit=1.5"] +
+                [a for s in SMALL[2:] for a in ("--set", s)])
+    assert code == 0
+    assert "train.time_limit reached" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert 0 < config["step"] < 1_000_000
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == config["step"] and "eval_loss" in rows[-1]  # evaluated at the end
+    with pytest.raises(MtplabError, match="time_limit"):
+        load_config(TINY, ["train.time_limit=-1"])
