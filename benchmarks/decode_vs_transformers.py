@@ -17,42 +17,11 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from mtplab.config import ModelConfig
 from mtplab.inference.generate import generate_ids
-from mtplab.models.transformer import Transformer
+from mtplab.interop.gpt2 import mtplab_from_gpt2  # what `mtplab convert gpt2 --heads 1` does
 
 SIZES = {"gpt2-small-4x256": dict(n_layer=4, n_embd=256, n_head=4),
          "gpt2-124M": dict(n_layer=12, n_embd=768, n_head=12)}
-
-
-def mtplab_from_gpt2(hf: GPT2LMHeadModel) -> Transformer:
-    c = hf.config
-    model = Transformer(ModelConfig(vocab_size=c.vocab_size, d_model=c.n_embd, n_layers=c.n_layer - 1,
-                                    n_heads=c.n_head, max_seq_len=c.n_positions, pos="learned",
-                                    norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True,
-                                    n_future=1, head_layers=1))
-    src = hf.transformer
-    d = c.n_embd
-    blocks = list(model.blocks) + [model.heads.heads[0][0]]
-    with torch.no_grad():
-        model.wte.weight.copy_(src.wte.weight)
-        model.wpe.weight.copy_(src.wpe.weight)
-        model.norm_f.weight.copy_(src.ln_f.weight)
-        model.norm_f.bias.copy_(src.ln_f.bias)
-        for block, h in zip(blocks, src.h):
-            block.attn_norm.load_state_dict(h.ln_1.state_dict())
-            block.mlp_norm.load_state_dict(h.ln_2.state_dict())
-            w, b = h.attn.c_attn.weight.t(), h.attn.c_attn.bias  # Conv1D stores [in, out]
-            for i, proj in enumerate([block.attn.q_proj, block.attn.k_proj, block.attn.v_proj]):
-                proj.weight.copy_(w[i * d:(i + 1) * d])
-                proj.bias.copy_(b[i * d:(i + 1) * d])
-            block.attn.o_proj.weight.copy_(h.attn.c_proj.weight.t())
-            block.attn.o_proj.bias.copy_(h.attn.c_proj.bias)
-            block.mlp.up_proj.weight.copy_(h.mlp.c_fc.weight.t())
-            block.mlp.up_proj.bias.copy_(h.mlp.c_fc.bias)
-            block.mlp.down_proj.weight.copy_(h.mlp.c_proj.weight.t())
-            block.mlp.down_proj.bias.copy_(h.mlp.c_proj.bias)
-    return model.eval()
 
 
 def measure_bandwidth() -> float:

@@ -99,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequential heads: store the MTP modules DeepSeek-V3 style, model.layers.{n+j}")
     p.add_argument("--force", action="store_true", help="replace --out if it is not empty")
 
+    p = sub.add_parser("convert", help="import a GPT-2 (HF), GELU_GPT (gelu-d12) or nanochat checkpoint")
+    p.add_argument("format", metavar="FORMAT", help="gpt2 | gelu-d12 | nanochat")
+    p.add_argument("source", help="the checkpoint directory (or file) to read")
+    p.add_argument("--out", required=True, help="mtplab checkpoint directory to write")
+    p.add_argument("--heads", type=int, default=None,
+                   help="gpt2: parallel heads (1 keeps GPT-2; seed 001: 4 = trunk 0-8, heads 9,10,11,11)")
+    p.add_argument("--head-blocks", default=None, metavar="B,B,...",
+                   help="gpt2: the source block each head starts from, e.g. 9,10,11,11")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.json or a directory with one (default: beside the checkpoint)")
+    p.add_argument("--eos", default=None, help="end-of-text token (default: the tokenizer's usual one)")
+    p.add_argument("--rope-base", type=float, default=None,
+                   help="gelu-d12, nanochat: RoPE base (default: the config's, else 100000)")
+    p.add_argument("--step", type=int, default=None, help="nanochat: model_<step>.pt (default: highest)")
+
     p = sub.add_parser("export", help="write a checkpoint in a seed's own format (monostep: seed 000's bundle)")
     p.add_argument("format", choices=["monostep"])
     p.add_argument("checkpoint")
@@ -262,6 +277,21 @@ def cmd_export_hf(args) -> None:
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
 
 
+def cmd_convert(args) -> None:
+    from .interop.convert import ConvertOptions, convert, parse_blocks
+
+    options = ConvertOptions(heads=args.heads, tokenizer=args.tokenizer, eos=args.eos,
+                             rope_base=args.rope_base, step=args.step,
+                             head_blocks=None if args.head_blocks is None else parse_blocks(args.head_blocks))
+    result = convert(args.format, args.source, args.out, options)
+    for note in result.notes:
+        print(note)
+    print(result.report.summary())
+    model = result.model
+    print(f"wrote {args.out}: {model.num_parameters():,} parameters, {model.n_future} head"
+          f"{'s' if model.n_future > 1 else ''}")
+
+
 def cmd_export(args) -> None:
     from .interop.monostep import export_bundle
 
@@ -278,7 +308,7 @@ def cmd_demo(args) -> None:
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
             "bench": cmd_bench, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
             "ablate": cmd_ablate, "export-hf": cmd_export_hf,
-            "export": cmd_export}
+            "export": cmd_export, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

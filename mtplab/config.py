@@ -212,6 +212,7 @@ class TrainConfig:
     seed: int = 1337
     freeze_trunk: bool = False  # train only the heads (Medusa-1 style)
     init_from: str = ""  # start from this checkpoint's tokenizer and weights; new heads start fresh
+    grad_checkpointing: bool = False  # recompute each block in backward: less activation memory
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (bf16 autocast on a GPU that has it) | fp32 | bf16
     time_limit: float = 0.0  # seconds of training after which the run ends as if done (0: off)

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .kv_cache import KVCache
@@ -157,7 +158,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `grad_checkpointing` on, a training forward keeps only the block's input and recomputes
+    its inside during backward (torch.utils.checkpoint, non-reentrant; dropout masks replay)."""
+
+    grad_checkpointing = False
 
     def __init__(self, config: ModelConfig, layer_idx: int, window: int = 0, value_embed: bool = False):
         super().__init__()
@@ -174,6 +180,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: AttentionMask, rotary: Rotary | None = None,
                 cache: KVCache | None = None, layer: int | None = None,
                 ve: torch.Tensor | None = None) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, mask, rotary, cache, layer, ve, use_reentrant=False)
+        return self._forward(x, mask, rotary, cache, layer, ve)
+
+    def _forward(self, x: torch.Tensor, mask: AttentionMask, rotary: Rotary | None,
+                 cache: KVCache | None, layer: int | None, ve: torch.Tensor | None) -> torch.Tensor:
         x = x + self._drop(self.attn(self.attn_norm(x), mask, rotary, cache, layer, ve))
         return x + self._drop(self.mlp(self.mlp_norm(x)))
 

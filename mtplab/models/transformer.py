@@ -6,7 +6,8 @@ Stream-level features live here (attention-level ones are in layers.py):
   token embedding; the cache keeps the ids so the previous token is known across calls.
 - value embeddings: one [V, Hkv*hd] table per alternating layer, gated into v by that layer.
 - resid/x0 lambdas: before block i, x <- resid_lambdas[i]*x + x0_lambdas[i]*x0 (x0 = embedding).
-- backout: the final stream minus backout_lambda * the stream entering block n_layers//2.
+- backout: the final stream minus backout_lambda * the stream leaving block n_layers//2 (nanochat
+  keeps block n_layers//2's output, e.g. block 6's of 12, and subtracts it before the final norm).
 - looped layers (seed 003): entry blocks, a shared group run n_think_loops times (between passes
   x <- g*x + (1-g)*x_pre, g = sigmoid(think_gate), x_pre the stream before the loop), exit blocks.
   Each pass of a shared block has its own cache layer, so the cache layout depends on the count.
@@ -75,6 +76,13 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.wte.weight.device
 
+    def set_grad_checkpointing(self, on: bool = True) -> None:
+        """Recompute every block (trunk and heads) in backward instead of keeping its activations:
+        about one block's activations alive per layer instead of all of them, for ~1/3 more compute."""
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.grad_checkpointing = on
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -123,13 +131,13 @@ class Transformer(nn.Module):
 
         def run(i: int, x: torch.Tensor) -> torch.Tensor:
             nonlocal slot, mid
-            if c.backout and i == c.n_layers // 2 and mid is None:
-                mid = x
             if c.layer_lambdas:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](ids) if c.has_value_embed(i) else None
             x = self.blocks[i](x, mask, self.rotary, cache, slot, ve)
             slot += 1
+            if c.backout and i == c.n_layers // 2 and mid is None:  # a looped block: its first pass
+                mid = x
             return x
 
         for i in range(entry):

@@ -164,6 +164,7 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
     dataset = build_dataset(config, out_dir, tokenizer)
     resolve_vocab(config, dataset.tokenizer.vocab_size)
     model = Transformer(config.model).to(device)
+    model.set_grad_checkpointing(t_cfg.grad_checkpointing)
     phase1 = tst.phase1_steps(config)
     superposed = None  # phase 1's batches: longer windows of the same token stream
     if phase1:

@@ -1,0 +1,117 @@
+"""`mtplab convert FORMAT SOURCE --out CKPT`: other projects' checkpoints as mtplab checkpoints.
+
+FORMATS maps a format name to its converter and the format-specific options it reads. A converter
+takes (source path, ConvertOptions) and returns a `Converted` (model, tokenizer, key report, notes);
+this module checks the options, runs it and writes the checkpoint. To add a format: write
+`convert_<name>(source, options) -> Converted` in its own module (sources.py has the shared pieces:
+file reading, `SourceWeights`, `assemble`, `load_tokenizer`), add its options to ConvertOptions and
+the `convert` parser in cli.py if it has new ones, and register it below.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+from ..errors import MtplabError
+from .atomic import fsync_dir
+from .checkpoint import TRAINER_STATE, save_checkpoint
+from .gpt2 import convert_gpt2
+from .nanochat import convert_gelu_d12, convert_nanochat
+from .sources import ConvertOptions, Converted
+
+
+@dataclass(frozen=True)
+class Format:
+    convert: Callable[[Path, ConvertOptions], Converted]
+    options: frozenset[str]  # the ConvertOptions fields this format reads
+    what: str
+
+
+FORMATS: dict[str, Format] = {
+    "gpt2": Format(convert_gpt2, frozenset({"heads", "head_blocks", "tokenizer", "eos"}),
+                   "HF GPT-2 directory -> seed 001's trunk + parallel heads"),
+    "gelu-d12": Format(convert_gelu_d12, frozenset({"tokenizer", "eos", "rope_base"}),
+                       "GELU_GPT (seed 004) .pt or HF directory -> nanochat-feature trunk"),
+    "nanochat": Format(convert_nanochat, frozenset({"tokenizer", "eos", "rope_base", "step"}),
+                       "nanochat model_<step>.pt + meta_<step>.json -> nanochat-feature trunk"),
+}
+
+
+def option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_options(fmt: str, options: ConvertOptions) -> Format:
+    if fmt not in FORMATS:
+        raise MtplabError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    spec = FORMATS[fmt]
+    given = [f.name for f in fields(options) if getattr(options, f.name) is not None]
+    wrong = [name for name in given if name not in spec.options]
+    if wrong:
+        accepted = ", ".join(option_flag(n) for n in sorted(spec.options)) or "none"
+        raise MtplabError(f"{option_flag(wrong[0])} does not apply to {fmt} (its options: {accepted})")
+    return spec
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that would mix a conversion into something else before doing any work."""
+    if out.exists() and not out.is_dir():
+        raise MtplabError(f"--out {out} is a file")
+    if out.is_dir() and ((out / TRAINER_STATE).exists() or (out / "checkpoints").exists()):
+        raise MtplabError(f"--out {out} holds a training run: choose another directory")
+
+
+def convert(fmt: str, source: str | Path, out: str | Path,
+            options: ConvertOptions | None = None) -> Converted:
+    """Convert `source` (format `fmt`) and write the mtplab checkpoint directory `out`."""
+    options = options or ConvertOptions()
+    spec = check_options(fmt, options)
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        raise MtplabError(f"{source}: no such file or directory")
+    check_out(out)
+    converted = spec.convert(source, options)
+    converted.source = {"format": fmt, "path": str(source.resolve()), **converted.source}
+    write_checkpoint(out, converted)
+    return converted
+
+
+def write_checkpoint(out: Path, converted: Converted) -> None:
+    """A new --out appears whole or not at all (written as a hidden sibling, then renamed); an
+    existing one has each file replaced atomically."""
+    run = {"converted_from": converted.source}
+    if out.exists():
+        save_checkpoint(out, converted.model, converted.tokenizer, run)
+        return
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise MtplabError(f"cannot write to {parent}: {exc.strerror}") from None
+    try:
+        save_checkpoint(tmp, converted.model, converted.tokenizer, run)
+        os.rename(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MtplabError(f"cannot write {out}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(parent)
+
+
+def parse_blocks(text: str) -> list[int]:
+    """'9,10,11,11' -> [9, 10, 11, 11]."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise MtplabError(f"--head-blocks expects comma-separated block numbers, got {text!r}") from None
+
+
+__all__ = ["FORMATS", "Format", "ConvertOptions", "Converted", "convert", "parse_blocks"]
