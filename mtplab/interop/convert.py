@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import MtplabError
-from .atomic import fsync_dir
+from .atomic import atomic_write_text, fsync_dir
 from .checkpoint import TRAINER_STATE, save_checkpoint
 from .gpt2 import convert_gpt2
+from .monostep import convert_monostep
 from .nanochat import convert_gelu_d12, convert_nanochat
 from .sources import ConvertOptions, Converted
 
@@ -39,6 +40,8 @@ FORMATS: dict[str, Format] = {
                        "GELU_GPT (seed 004) .pt or HF directory -> nanochat-feature trunk"),
     "nanochat": Format(convert_nanochat, frozenset({"tokenizer", "eos", "rope_base", "step"}),
                        "nanochat model_<step>.pt + meta_<step>.json -> nanochat-feature trunk"),
+    "monostep": Format(convert_monostep, frozenset({"tokenizer", "trust_pickle"}),
+                       "seed 000's monostep_bundle.pt (+ GPT-2 tokenizer files) -> Monostep"),
 }
 
 
@@ -84,9 +87,15 @@ def convert(fmt: str, source: str | Path, out: str | Path,
 def write_checkpoint(out: Path, converted: Converted) -> None:
     """A new --out appears whole or not at all (written as a hidden sibling, then renamed); an
     existing one has each file replaced atomically."""
-    run = {"converted_from": converted.source}
+    run = {"converted_from": converted.source, **converted.run}
+
+    def write(directory: Path) -> None:
+        save_checkpoint(directory, converted.model, converted.tokenizer, run, converted.trainer_state)
+        for name, text in converted.files.items():
+            atomic_write_text(directory / name, text)
+
     if out.exists():
-        save_checkpoint(out, converted.model, converted.tokenizer, run)
+        write(out)
         return
     parent = out.parent
     try:
@@ -95,7 +104,7 @@ def write_checkpoint(out: Path, converted: Converted) -> None:
     except OSError as exc:
         raise MtplabError(f"cannot write to {parent}: {exc.strerror}") from None
     try:
-        save_checkpoint(tmp, converted.model, converted.tokenizer, run)
+        write(tmp)
         os.rename(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,8 +10,6 @@ bundle back, tensor for tensor.
 from __future__ import annotations
 
 import json
-import pickle
-import re
 import zipfile
 from pathlib import Path
 
@@ -21,8 +19,9 @@ from ..config import ModelConfig
 from ..errors import MtplabError
 from ..models.monostep import Monostep
 from ..tokenizer import Tokenizer
-from .atomic import atomic_write, atomic_write_text
-from .checkpoint import TRAINER_STATE, load_model, load_state, read_config, save_checkpoint
+from .atomic import atomic_write
+from .checkpoint import TRAINER_STATE, load_model, load_state, read_config
+from .sources import ConvertOptions, Converted, KeyReport, torch_load
 
 # Seed 000 adds these to GPT-2's 50257 tokens in this order: <pad> is 50257, <empty> 50258, ...
 SPECIALS = ["<pad>", "<empty>", "<system>", "<user>", "<assistant>"]
@@ -36,15 +35,7 @@ def read_bundle(path: str | Path, trust_pickle: bool = False) -> dict:
         raise MtplabError(f"no bundle file at {path}")
     if not zipfile.is_zipfile(path):
         raise MtplabError(f"{path} is not a torch.save file")
-    try:
-        bundle = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        raise MtplabError(f"{path} holds objects a weights-only load refuses"
-                          f"{f' ({found.group(1)})' if found else ''}; if you trust the file, "
-                          "pass --trust-pickle") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise MtplabError(f"{path} is not a readable torch.save file: {str(exc).splitlines()[0]}") from None
+    bundle = torch_load(path, trust_pickle)
     if not isinstance(bundle, dict) or any(k not in bundle for k in BUNDLE_KEYS):
         raise MtplabError(f"{path} is not a Monostep bundle: it needs the keys {', '.join(BUNDLE_KEYS)}")
     return bundle
@@ -72,28 +63,28 @@ def seed_tokenizer(path: str | Path) -> Tokenizer:
     return tokenizer
 
 
-def convert_bundle(bundle_path: str | Path, tokenizer_path: str | Path, out_dir: str | Path,
-                   trust_pickle: bool = False) -> Path:
-    """Write an mtplab checkpoint directory holding the bundle's model (and all else it carries)."""
-    bundle = read_bundle(bundle_path, trust_pickle)
-    tokenizer = seed_tokenizer(tokenizer_path)
+def convert_monostep(source: Path, options: ConvertOptions) -> Converted:
+    """`mtplab convert monostep BUNDLE --tokenizer DIR`: the bundle's model, its optimizer state
+    (trainer_state.pt), histories (metrics.json), config and sample (config.json)."""
+    if options.tokenizer is None:
+        raise MtplabError("monostep needs --tokenizer: GPT-2's files (vocab.json + merges.txt or "
+                          "tokenizer.json), or the bundle's saved tokenizer directory")
+    bundle = read_bundle(source, bool(options.trust_pickle))
+    tokenizer = seed_tokenizer(options.tokenizer)
     config = model_config(bundle["config"], tokenizer.token_to_id("<empty>"))
     if tokenizer.vocab_size != config.vocab_size:
         raise MtplabError(f"the tokenizer has {tokenizer.vocab_size} tokens, the bundle's model "
                           f"{config.vocab_size}: not the tokenizer it was trained with")
     model = Monostep(config)
-    load_state(model, bundle["model_state_dict"], bundle_path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainer_state = None
-    if bundle.get("optimizer_state_dict") is not None:
-        trainer_state = {"optimizer": bundle["optimizer_state_dict"]}
-    run = {"monostep_bundle": {"config": bundle["config"], "sample_output": bundle.get("sample_output")}}
-    save_checkpoint(out_dir, model, tokenizer, run, trainer_state)
+    load_state(model, bundle["model_state_dict"], source)  # strict: every key, every shape
+    optimizer = bundle.get("optimizer_state_dict")
     history = {"train_loss": list(bundle.get("train_history") or []),
                "eval_loss": list(bundle.get("eval_history") or [])}
-    atomic_write_text(out_dir / METRICS_JSON, json.dumps(history, indent=2) + "\n")
-    return out_dir
+    return Converted(model.eval(), tokenizer, KeyReport(),
+                     notes=[f"seed 000's Monostep: {config.n_future} slots, vocabulary {config.vocab_size}"],
+                     run={"monostep_bundle": {"config": bundle["config"], "sample_output": bundle.get("sample_output")}},
+                     trainer_state=None if optimizer is None else {"optimizer": optimizer},
+                     files={METRICS_JSON: json.dumps(history, indent=2) + "\n"})
 
 
 def export_bundle(checkpoint: str | Path, out_path: str | Path, model: Monostep | None = None,

@@ -32,17 +32,19 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|bos|>"
 
 
 # -- reading files ----------------------------------------------------------------------------
-def torch_load(path: Path) -> Any:
+def torch_load(path: Path, trust_pickle: bool | None = None) -> Any:
     """torch.load with weights_only=True: tensors, dicts, lists and numbers, never arbitrary
-    objects (a pickle that needs them is refused rather than executed)."""
+    objects (a pickle that needs them is refused rather than executed). Where a format offers
+    --trust-pickle (`trust_pickle` not None), True loads the file as it is."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's message carries terminal colours
         needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         why = f"it needs {needed.group(1)}" if needed else (text.strip().splitlines() or ["?"])[0]
         raise MtplabError(f"{path} is not a plain weights file: torch.load(weights_only=True) refused "
-                          f"it ({why}); mtplab does not unpickle arbitrary objects") from None
+                          f"it ({why}); " + ("if you trust the file, pass --trust-pickle" if trust_pickle
+                                            is not None else "mtplab does not unpickle arbitrary objects")) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MtplabError(f"{path} is unreadable (truncated or not a torch file?): {why}") from None
@@ -116,15 +118,19 @@ class ConvertOptions:
     eos: str | None = None  # the end-of-text token, when the tokenizer's is not a usual one
     rope_base: float | None = None  # nanochat family: RoPE base (default 100000)
     step: int | None = None  # nanochat: which model_<step>.pt (default: the highest)
+    trust_pickle: bool | None = None  # monostep: unpickle a bundle's arbitrary objects (trusted files only)
 
 
 @dataclass
 class Converted:
-    model: Transformer
+    model: torch.nn.Module
     tokenizer: Tokenizer
     report: KeyReport
     notes: list[str] = field(default_factory=list)  # how the source was mapped, in words
     source: dict[str, Any] = field(default_factory=dict)  # recorded in config.json
+    run: dict[str, Any] = field(default_factory=dict)  # more of config.json's run section
+    trainer_state: dict | None = None  # written as trainer_state.pt (e.g. a bundle's optimizer)
+    files: dict[str, str] = field(default_factory=dict)  # more text files for the directory
 
 
 # -- taking tensors ---------------------------------------------------------------------------

@@ -9,11 +9,13 @@ import torch
 from mtplab.errors import MtplabError
 from mtplab.inference.decode import generate
 from mtplab.interop.checkpoint import load_model
-from mtplab.interop.monostep import convert_bundle, export_bundle, read_bundle
+from mtplab.interop.convert import ConvertOptions, convert
+from mtplab.interop.monostep import export_bundle, read_bundle
 from mtplab.models.monostep import Monostep
 from mtplab.tokenizer import Tokenizer
 from tests import seed000
 from tests.conftest import shared_path
+from tests.test_cli import assert_one_line_error, run_cli
 
 QUESTIONS = ["Ava has 3 apples and buys 4 more. How many apples?", "  What is 12 minus 5?  ", "Add 7 and 8."]
 CORPUS = ["Ava has 3 apples and buys 4 more. She has 7 apples. #### 7",
@@ -26,6 +28,11 @@ def tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok")
     Tokenizer.train(CORPUS, 300, seed000.SPECIALS).save(path)
     return path
+
+
+def convert_bundle(bundle, tokenizer, out, trust_pickle=None):
+    convert("monostep", bundle, out, ConvertOptions(tokenizer=str(tokenizer), trust_pickle=trust_pickle))
+    return out
 
 
 def small_config(vocab: int) -> dict:
@@ -139,7 +146,7 @@ def test_a_bundle_with_arbitrary_objects_needs_trust_pickle(tmp_path, tokenizer_
     bundle = torch.load(path, weights_only=True)
     bundle["args"] = argparse.Namespace(lr=3e-4)
     torch.save(bundle, path)
-    with pytest.raises(MtplabError, match="--trust-pickle"):
+    with pytest.raises(MtplabError, match="argparse.Namespace.*--trust-pickle"):
         convert_bundle(path, tokenizer_dir, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
     assert load_model(convert_bundle(path, tokenizer_dir, tmp_path / "ok", trust_pickle=True))
@@ -184,3 +191,25 @@ def test_gpt2_tokenizer_matches_the_seeds_and_decodes_alike(tmp_path):
                                     hf.convert_tokens_to_ids("<empty>"), hf.convert_tokens_to_ids("<|endoftext|>"),
                                     64, 4, 48)
         assert generate(model, tokenizer, question, chat=True, max_new_tokens=48) == expected
+
+
+def test_cli_convert_and_export(tmp_path, tokenizer_dir, capsys):
+    path, reference, tok, config = make_bundle(tmp_path, tokenizer_dir)
+    code, out, err = run_cli(capsys, "convert", "monostep", str(path), "--tokenizer", str(tokenizer_dir),
+                             "--out", str(tmp_path / "ckpt"))
+    assert code == 0 and "unused: none; missing: none" in out
+    code, out, err = run_cli(capsys, "export", "monostep", str(tmp_path / "ckpt"), "--out", str(tmp_path / "b.pt"))
+    assert code == 0 and read_bundle(tmp_path / "b.pt")["config"] == config
+    code, out, err = run_cli(capsys, "generate", str(tmp_path / "ckpt"), "--chat", "--prompt", QUESTIONS[0],
+                             "--max-new-tokens", "64")
+    assert code == 0 and out == reference_text(reference, tok, config, QUESTIONS[0]) + "\n"
+    for args, message in [(["convert", "monostep", str(path), "--out", str(tmp_path / "x")], "--tokenizer"),
+                          (["convert", "monostep", str(path), "--tokenizer", str(tokenizer_dir), "--heads", "2",
+                            "--out", str(tmp_path / "x")], "--heads does not apply"),
+                          (["export", "monostep", str(tmp_path / "missing"), "--out", str(tmp_path / "c.pt")],
+                           "no checkpoint"),
+                          (["export-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")], "export monostep"),
+                          (["generate", str(tmp_path / "ckpt"), "--prompt", "hi", "--speculative"], "blocks")]:
+        code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, message)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "hf").exists()
