@@ -50,6 +50,15 @@ def test_nrm_miniaxion_is_the_cards_0_92m():
     assert summarize(more)["flops_per_token_next_token"] > summarize(config)["flops_per_token_next_token"]
 
 
+def test_monostep_gsm8k_is_the_cards_16_6m_and_slots_gsm8k_its_causal_sibling():
+    summary = summarize(load_config(RECIPES / "monostep-gsm8k.toml").model)
+    assert summary["parameters"] == 16_567_960 and summary["family"] == "monostep"
+    slot = (2 * 64 * 64 + 64) + (64 * 64 + 64) + 2 * 64 + (64 * 50_262 + 50_262)  # ff, norm, to_vocab
+    assert summary["breakdown"]["heads"] == 4 * slot + 64  # + init_state
+    causal = summarize(load_config(RECIPES / "slots-gsm8k.toml").model)
+    assert causal["family"] == "slots" and causal["breakdown"]["trunk"] == summary["breakdown"]["trunk"]  # the same blocks, made causal
+
+
 def test_meta_build_allocates_nothing():
     model = build_on_meta(load_config(RECIPES / "aomts-100m.toml").model)
     assert all(p.device.type == "meta" for p in model.parameters())
