@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=200, help="GSM8K test examples scored")
     parser.add_argument("--decode-limit", type=int, default=20, help="test questions decoded")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--skip-training", action="store_true", help="score the runs already in --out")
+    parser.add_argument("--skip-training", default="", metavar="NAMES",
+                        help="comma-separated run directories (monostep, slots, parallel) to score as they are")
     args = parser.parse_args()
     data_dir = Path(args.data)
     data = {"train": data_dir / "gsm8k" / "train.jsonl", "test": data_dir / "gsm8k" / "test.jsonl",
@@ -97,7 +98,7 @@ def main() -> None:
     rows = []
     for name, (directory, recipe, overrides) in SYSTEMS.items():
         run = out / directory
-        if not args.skip_training:
+        if directory not in args.skip_training.split(","):
             train_for(args.budget, recipe, overrides, run, data)
         model, tokenizer = load_model(run)
         model.eval()

@@ -39,6 +39,18 @@ def head_loss(logits: torch.Tensor, labels: torch.Tensor, k: int, label_smoothin
     return total, int((targets != IGNORE).sum())
 
 
+def scored_head_loss(model: Transformer, k: int, h: torch.Tensor, labels: torch.Tensor,
+                     autocast=contextlib.nullcontext, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """`head_loss` of head k's hidden states h [B, T_k, D], unembedding only the positions that have
+    a label: the prompt and padding of chat batches (often half the rows) cost no [V]-wide logits."""
+    targets = labels[:, k:k + h.size(1)]
+    scored = targets != IGNORE  # [B, T_k]
+    with autocast():
+        logits = model.head_logits(k, h[:, :targets.size(1)][scored])  # [N, V]
+    total = F.cross_entropy(logits.float(), targets[scored], reduction="sum", label_smoothing=label_smoothing)
+    return total, int(scored.sum())
+
+
 @torch.no_grad()
 def evaluate_heads(model: Transformer, batches) -> list[float]:
     """Mean cross-entropy (nats/token) of every head over an iterable of (inputs, labels)."""
@@ -81,13 +93,11 @@ def backward_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, 
         prev = leaf
     losses = [0.0] * model.n_future
     for k in reversed(range(model.n_future)):  # deepest first: its gradient feeds depth k-1
-        with autocast():
-            logits = model.head_logits(k, detached[k])
-        total, count = head_loss(logits, labels, k, label_smoothing)
+        total, count = scored_head_loss(model, k, detached[k], labels, autocast, label_smoothing)
         mean = total / max(count if counts is None else counts[k], 1)
         losses[k] = mean.item()
         (mean * weights[k] * scale).backward()
-        del logits, total, mean
+        del total, mean
         if outputs[k] is not detached[k] and detached[k].grad is not None:
             outputs[k].backward(detached[k].grad)  # into the head's weights and its input
     if trunk_out.grad is not None and h.requires_grad:  # a frozen trunk needs no backward

@@ -115,6 +115,25 @@ def test_gpt2_one_head_gives_gpt2s_logits(capsys, tmp_path, gpt2_dir):
     assert ours == theirs[:len(ours)] and len(ours) == 12
 
 
+def test_gpt2_converted_then_exported_generates_like_gpt2(tmp_path, gpt2_dir, monkeypatch):
+    """HF GPT-2 -> mtplab -> export-hf -> AutoModelForCausalLM: greedy generate() gives GPT-2's tokens."""
+    from mtplab.interop.convert import ConvertOptions, convert
+    from mtplab.interop.hf_export import export_hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source, hf = gpt2_dir
+    convert("gpt2", source, tmp_path / "ckpt", ConvertOptions(heads=1))
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    prompt = torch.tensor([[5, 17, 42, 9, 33]])
+    with torch.no_grad():
+        assert (back(prompt).logits - hf(prompt).logits).abs().max().item() < 1e-4
+        ours = back.generate(prompt, max_new_tokens=12, do_sample=False)
+        theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ours = ours[0, 5:].tolist()  # may stop early at the exported tokenizer's eos; GPT-2's config has none here
+    assert ours and ours == theirs[0, 5:5 + len(ours)].tolist()
+
+
 def test_gpt2_bin_with_buffers_and_tokenizer_elsewhere(capsys, tmp_path, gpt2_dir, gpt2_bin_dir):
     source, hf = gpt2_dir
     out = tmp_path / "ckpt"

@@ -57,7 +57,7 @@ def test_four_head_step_peak_memory_stays_close_to_one_head():
     assert naive_four > one * 2, (one, naive_four)  # the control: the measurement can tell
 
 
-@pytest.mark.parametrize("family", ["parallel", "sequential"])
+@pytest.mark.parametrize("family", ["parallel", "sequential", "medusa", "slots"])
 def test_split_backward_gives_the_same_gradients_as_one_backward(family):
     model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, max_seq_len=16,
                                     mtp=family, n_future=3))
