@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ SLOTS = 4
 
 def train_for(budget: float, recipe: str, overrides: list[str], out: Path, data: dict) -> None:
     """`mtplab train` with train.time_limit = budget: the run evaluates and saves when time is up."""
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time
     sets = [f"data.path={data['train']}", f"data.eval_path={data['test']}", f"tokenizer.path={data['tokenizer']}",
             "train.steps=1000000", "train.epochs=1000", "train.eval_every=1000000", "train.eval_batches=1",
             f"train.time_limit={budget}"]

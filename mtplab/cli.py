@@ -217,6 +217,9 @@ def cmd_bench(args) -> None:
     from .interop.checkpoint import load_model
 
     model, tokenizer = load_model(args.checkpoint)
+    if model.config.arch == "monostep":
+        raise MtplabError(f"{args.checkpoint} is a Monostep model: it decodes in blocks, with nothing "
+                          "to compare speculation against")
     if model.n_future < 2:
         raise MtplabError(f"{args.checkpoint} has one head: nothing to draft with")
     prompts = read_prompts(args.prompts, tokenizer, args.chat)

@@ -13,7 +13,7 @@ def test_recipe_and_overrides():
 
 
 def test_unknown_key_names_the_valid_ones():
-    with pytest.raises(MtplabError, match=r"unknown key 'lr_max'.*valid keys: steps, batch_size"):
+    with pytest.raises(MtplabError, match=r"unknown key 'lr_max'.*valid keys: steps, epochs, batch_size"):
         load_config(TINY, ["train.lr_max=1"])
     with pytest.raises(MtplabError, match="unknown key 'optim'"):
         load_config(TINY, ["optim.lr=1"])

@@ -209,7 +209,8 @@ def test_cli_convert_and_export(tmp_path, tokenizer_dir, capsys):
                           (["export", "monostep", str(tmp_path / "missing"), "--out", str(tmp_path / "c.pt")],
                            "no checkpoint"),
                           (["export-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")], "export monostep"),
-                          (["generate", str(tmp_path / "ckpt"), "--prompt", "hi", "--speculative"], "blocks")]:
+                          (["generate", str(tmp_path / "ckpt"), "--prompt", "hi", "--speculative"], "blocks"),
+                          (["bench", str(tmp_path / "ckpt")], "blocks")]:
         code, _, err = run_cli(capsys, *args)
         assert_one_line_error(code, err, message)
     assert not (tmp_path / "x").exists() and not (tmp_path / "hf").exists()
