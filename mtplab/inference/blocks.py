@@ -4,7 +4,8 @@ Seed 000's rules: the slots are decoded independently (argmax each, or sampled e
 tokens are dropped, the rest of the block is appended to the context, which keeps its last
 max_len tokens; decoding ends after an empty block or a block holding eos, or after
 max_new_tokens // SLOTS blocks. As in the seed, tokens a block holds after its eos still count
-(eos itself is never emitted). Unlike the seed, a prompt longer than max_len is cut too.
+(eos itself is never emitted). Unlike the seed, a prompt longer than max_len is cut too, and a
+limit that SLOTS does not divide gets one more block, cut to the limit.
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ def generate_blocks(model: Monostep, prompt: list[int], max_new_tokens: int = 12
     window, empty = model.config.max_seq_len, model.config.empty_token
     generator = params.generator(model.device)
     ids = torch.tensor([prompt[-window:]], device=model.device)
-    n_blocks = max(1, max_new_tokens // model.n_future)
+    n_blocks, produced = -(-max_new_tokens // model.n_future), 0
     for b in range(n_blocks):
         logits = model(ids)[0]  # [SLOTS, V]
         block = [t for t in sample(logits, params, generator).tolist() if t != empty]
         if not block:
             yield Event([], finished=True)
             return
-        done = eos_id in block or b == n_blocks - 1
-        yield Event([t for t in block if t != eos_id], finished=done)
+        tokens = [t for t in block if t != eos_id][:max_new_tokens - produced]
+        produced += len(tokens)
+        done = eos_id in block or b == n_blocks - 1 or produced >= max_new_tokens
+        yield Event(tokens, finished=done)
         if done:
             return
         ids = torch.cat([ids, torch.tensor([block], device=ids.device)], dim=1)[:, -window:]

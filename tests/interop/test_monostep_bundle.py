@@ -214,3 +214,14 @@ def test_cli_convert_and_export(tmp_path, tokenizer_dir, capsys):
         code, _, err = run_cli(capsys, *args)
         assert_one_line_error(code, err, message)
     assert not (tmp_path / "x").exists() and not (tmp_path / "hf").exists()
+
+
+def test_a_token_limit_that_slots_do_not_divide_is_never_exceeded(tmp_path, tokenizer_dir):
+    from mtplab.inference.decode import decode
+
+    bundle, *_ = make_bundle(tmp_path, tokenizer_dir)
+    model, tokenizer = load_model(convert_bundle(bundle, tokenizer_dir, tmp_path / "ckpt"))
+    for limit in (1, 2, 5, 7):
+        events = list(decode(model, tokenizer.encode_chat(QUESTIONS[0]), limit, eos_id=None))
+        assert sum(len(e.tokens) for e in events) <= limit and len(events) <= -(-limit // 4)
+        assert events[-1].finished
