@@ -1,4 +1,5 @@
-"""Loss curves from a run's metrics.jsonl, one line per head, train and held-out."""
+"""Loss curves: a run's metrics.jsonl (one line per head, train and held-out), and the per-epoch
+history of a Monostep run."""
 
 from __future__ import annotations
 
@@ -45,6 +46,27 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "")
     ax.grid(alpha=0.3)
     if n_heads:
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_epoch_losses(history: dict, png_path: str | Path, title: str = "Monostep block loss") -> None:
+    """history: {"train_loss": [...], "eval_loss": [...]}, one value per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = range(1, len(history["train_loss"]) + 1)
+    ax.plot(epochs, history["train_loss"], "o-", label="train")
+    ax.plot(epochs, history["eval_loss"], "o--", label="eval")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy over the slots (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)

@@ -26,7 +26,12 @@ from .sources import ConvertOptions, Converted, KeyReport, torch_load
 # Seed 000 adds these to GPT-2's 50257 tokens in this order: <pad> is 50257, <empty> 50258, ...
 SPECIALS = ["<pad>", "<empty>", "<system>", "<user>", "<assistant>"]
 BUNDLE_KEYS = ("model_state_dict", "config")
-METRICS_JSON = "metrics.json"
+METRICS_JSON = "metrics.json"  # per-epoch {"train_loss": [...], "eval_loss": [...]}
+SAMPLE_QUESTION = "If a shop has 12 apples and sells 5, how many are left?"  # seed 000's example
+
+
+def history_json(history: dict) -> str:
+    return json.dumps(history, indent=2) + "\n"
 
 
 def read_bundle(path: str | Path, trust_pickle: bool = False) -> dict:
@@ -84,7 +89,7 @@ def convert_monostep(source: Path, options: ConvertOptions) -> Converted:
                      notes=[f"seed 000's Monostep: {config.n_future} slots, vocabulary {config.vocab_size}"],
                      run={"monostep_bundle": {"config": bundle["config"], "sample_output": bundle.get("sample_output")}},
                      trainer_state=None if optimizer is None else {"optimizer": optimizer},
-                     files={METRICS_JSON: json.dumps(history, indent=2) + "\n"})
+                     files={METRICS_JSON: history_json(history)})
 
 
 def export_bundle(checkpoint: str | Path, out_path: str | Path, model: Monostep | None = None,
@@ -129,5 +134,3 @@ def _bundle_config(config: ModelConfig, train: dict) -> dict:
             out[key] = train[key]
     return out
 
-
-SAMPLE_QUESTION = "If a shop has 12 apples and sells 5, how many are left?"  # seed 000's example

@@ -10,7 +10,6 @@ continues mid-epoch exactly where a run stopped.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -22,16 +21,18 @@ from ..data.blocks import BlockBatches
 from ..data.pipeline import build_tokenizer, chat_pairs, load_examples
 from ..errors import MtplabError
 from ..evaluation.block_loss import monostep_block_loss, slot_cross_entropy
-from ..interop.atomic import atomic_write, atomic_write_text
+from ..evaluation.plots import plot_epoch_losses
+from ..interop.atomic import atomic_write_text
 from ..interop.checkpoint import load_state, load_tokenizer
+from ..interop.monostep import METRICS_JSON, export_bundle, history_json
 from ..models.monostep import Monostep
 from .checkpoints import load_latest, remove_partial_writes, save_step, step_dirs
 from .faults import NonFiniteGuard, StopSignals
 from .schedules import lr_multiplier
-from .trainer import (TrainResult, autocast_for, pick_device, resolve_vocab, restore_rng, rng_state,
+from .trainer import (LOSS_PLOT, TrainResult, autocast_for, pick_device, resolve_vocab, restore_rng, rng_state,
                       seed_everything)
 
-METRICS_JSON, LOSS_PLOT, BUNDLE = "metrics.json", "loss.png", "monostep_bundle.pt"
+BUNDLE = "monostep_bundle.pt"
 
 
 def train_monostep(config: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -144,35 +145,12 @@ def train_monostep(config: Config, out_dir: Path, resume: bool = False, progress
     bar.close()
     result.step, result.head_losses = step, [epoch_sum / max(epoch_count, 1)]
     result.nonfinite_steps, result.seconds = guard.skipped, time.perf_counter() - t0
-    if not result.stopped_by:
-        from ..interop.monostep import export_bundle
-
-        write_metrics(out_dir, history)
+    if not result.stopped_by:  # metrics.json and the plot were written at the last epoch's end
         model.eval()
         export_bundle(out_dir, out_dir / BUNDLE, model=model, tokenizer=tokenizer)
     return result
 
 
 def write_metrics(out_dir: Path, history: dict) -> None:
-    atomic_write_text(out_dir / METRICS_JSON, json.dumps(history, indent=2) + "\n")
-    plot_epochs(history, out_dir / LOSS_PLOT)
-
-
-def plot_epochs(history: dict, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    epochs = range(1, len(history["train_loss"]) + 1)
-    ax.plot(epochs, history["train_loss"], "o-", label="train")
-    ax.plot(epochs, history["eval_loss"], "o--", label="eval")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("cross-entropy over the slots (nats/token)")
-    ax.set_title("Monostep block loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    atomic_write_text(out_dir / METRICS_JSON, history_json(history))
+    plot_epoch_losses(history, out_dir / LOSS_PLOT)

@@ -30,7 +30,7 @@ def test_an_epoch_visits_every_sample_once_in_length_sorted_batches_and_resumes_
     assert len(seen) == len(b.samples) == len({*seen})
     order = b._epoch_order()
     assert sorted(np.concatenate(order).tolist()) == list(range(len(b.samples)))
-    assert all(len(batch) == 8 for batch in order[:-1] if len(batch) != len(b.samples) % 8)
+    assert sum(len(batch) != 8 for batch in order) <= 1  # pools hold whole batches: one short batch
     assert b.epoch == 0  # the next call starts epoch 1
     # pools sort by length, so a batch pads little: compare with random batching
     padded = sum(len(w) * b.lengths[w].max() for w in order)

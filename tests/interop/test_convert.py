@@ -443,14 +443,20 @@ def test_gelu_d12_torch_payload_matches_the_reference(capsys, tmp_path, nano_tok
     code, text, err = run_cli(capsys, "convert", "gelu-d12", path, "--out", out, "--tokenizer", tok_dir)
     assert code == 0, err
     assert "unused: none; missing: none" in text and "windows SSSL (S = 129 keys)" in text
-    ours, model, loaded = converted_logits(out, IDS, tok.vocab_size)
-    expected = reference_logits(p, IDS, n_head=4, n_kv_head=4, rope_base=1e5, mlp="gelu", eps=1e-6,
-                                window_pattern="SSSL", short=SHORT)[..., :tok.vocab_size]
-    delta = (ours - expected).abs().max().item()
-    report_parity(capsys, f"gelu-d12 .pt: max |dlogits| {delta:.2e}")
-    assert delta < 1e-4
+    model, loaded = assert_gelu_d12_parity(capsys, out, p, tok.vocab_size, "gelu-d12 .pt")
     assert model.config.window == SHORT + 1 and model.config.value_embeds and model.config.smear == 24
     assert loaded.eos == "<|bos|>"
+
+
+def assert_gelu_d12_parity(capsys, out, weights, vocab_size, label):
+    """The converted checkpoint's logits equal the reference GELU_GPT forward's; returns (model, tokenizer)."""
+    ours, model, loaded = converted_logits(out, IDS, vocab_size)
+    expected = reference_logits(weights, IDS, n_head=4, n_kv_head=4, rope_base=1e5, mlp="gelu", eps=1e-6,
+                                window_pattern="SSSL", short=SHORT)[..., :vocab_size]
+    delta = (ours - expected).abs().max().item()
+    report_parity(capsys, f"{label}: max |dlogits| {delta:.2e}")
+    assert delta < 1e-4
+    return model, loaded
 
 
 def test_gelu_d12_hf_wrapper_with_rope_buffers(capsys, tmp_path, nano_tokenizer):
@@ -472,12 +478,7 @@ def test_gelu_d12_hf_wrapper_with_rope_buffers(capsys, tmp_path, nano_tokenizer)
     assert code == 0, err
     assert "unused: none; missing: none; ignored: model.rope_cos (RoPE table, recomputed), " \
            "model.rope_sin (RoPE table, recomputed)" in text
-    ours, _, _ = converted_logits(out, IDS, tok.vocab_size)
-    expected = reference_logits(p, IDS, n_head=4, n_kv_head=4, rope_base=1e5, mlp="gelu", eps=1e-6,
-                                window_pattern="SSSL", short=SHORT)[..., :tok.vocab_size]
-    delta = (ours - expected).abs().max().item()
-    report_parity(capsys, f"gelu-d12 HF wrapper: max |dlogits| {delta:.2e}")
-    assert delta < 1e-4
+    assert_gelu_d12_parity(capsys, out, p, tok.vocab_size, "gelu-d12 HF wrapper")
     # RoPE tables of another base are refused, not silently replaced
     code, _, err = run_cli(capsys, "convert", "gelu-d12", directory, "--out", tmp_path / "o2",
                            "--rope-base", "10000")
