@@ -36,3 +36,11 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "run"
     result = mtplab.train(TINY, out, progress=False)
     return out, result
+
+
+def pytest_report_header(config):
+    try:
+        import transformers
+    except ImportError:
+        return "transformers: not installed (the HF tests skip)"
+    return f"transformers {transformers.__version__} ({Path(transformers.__file__).parent})"

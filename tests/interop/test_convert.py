@@ -23,6 +23,7 @@ from mtplab.tokenizer import Tokenizer
 from tests.conftest import ROOT, shared_path
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
 transformers.logging.set_verbosity_error()
 
 CORPUS = [f"{name} has {n} apples. Then {name} buys {m} more. How many apples does {name} have?"

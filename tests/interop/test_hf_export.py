@@ -14,6 +14,7 @@ from safetensors import safe_open
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach a hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
 
 from mtplab.config import ModelConfig  # noqa: E402
 from mtplab.inference.generate import generate_ids  # noqa: E402

@@ -38,6 +38,26 @@ class MtplabCausalLMOutput(CausalLMOutputWithPast):
     mtp_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
+# The output's cache field: `cache` from transformers 5.24 on, `past_key_values` before.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# Keywords generate() and pipelines pass that cannot change mtplab's result at these values; any
+# other keyword, or these at another value, is refused rather than silently dropped.
+IGNORABLE = {"output_attentions": (None, False), "output_hidden_states": (None, False),
+             "inputs_embeds": (None,), "token_type_ids": (None,), "cache_position": "any",
+             "position_ids": "checked"}
+
+
+def _check_ignorable(kwargs: dict) -> None:
+    for key, value in kwargs.items():
+        allowed = IGNORABLE.get(key)
+        if allowed is None:
+            raise TypeError(f"MtplabForCausalLM.forward() got an unexpected keyword argument {key!r}")
+        if allowed in ("any", "checked"):
+            continue  # cache_position restates the cache length; position_ids are checked by forward
+        if not any(value is a for a in allowed):
+            raise ValueError(f"MtplabForCausalLM does not support {key}={value!r}")
+
+
 class MtplabForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MtplabConfig
     base_model_prefix = "model"
@@ -75,17 +95,19 @@ class MtplabForCausalLM(PreTrainedModel, GenerationMixin):
                 past_key_values: MtplabCache | None = None, use_cache: bool | None = None,
                 labels: torch.LongTensor | None = None, logits_to_keep: int = 0,
                 output_mtp_logits: bool = False, return_dict: bool | None = None,
-                **kwargs) -> MtplabCausalLMOutput | tuple:
-        """input_ids [B, T] continue the positions in `past_key_values` (if given). `use_cache`
+                cache: MtplabCache | None = None, **kwargs) -> MtplabCausalLMOutput | tuple:
+        """input_ids [B, T] continue the positions in the cache (if given). The cache arrives as
+        `past_key_values` (transformers 4.x and early 5.x) or `cache` (5.24 on). `use_cache`
         (default off) starts a cache when none is given. `logits_to_keep` > 0: logits of the last
         that many positions only. `labels`: the usual shifted next-token loss on head 0."""
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("MtplabForCausalLM takes input_ids, not inputs_embeds")
+        if past_key_values is not None and cache is not None and past_key_values is not cache:
+            raise ValueError("pass the cache once: as `cache` or as `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
+        _check_ignorable(kwargs)
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("mtplab models have no padding mask: pass unpadded prompts of one length")
         heads = self.model.heads
         n_heads = self.model.n_future if output_mtp_logits else 1
-        cache = past_key_values
         if cache is None and use_cache:
             cache = self.model.new_cache(batch=input_ids.size(0))
             cache.n_heads = n_heads
@@ -110,5 +132,5 @@ class MtplabForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=-100)
-        out = MtplabCausalLMOutput(loss=loss, logits=logits, past_key_values=cache, mtp_logits=mtp_logits)
+        out = MtplabCausalLMOutput(loss=loss, logits=logits, mtp_logits=mtp_logits, **{CACHE_FIELD: cache})
         return out if return_dict is not False else out.to_tuple()
