@@ -92,15 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face transformers model "
-                                         "(AutoModelForCausalLM, trust_remote_code)")
+                                         "(GPT-2 / Llama natively, else with remote code)")
     p.add_argument("checkpoint")
+    p.add_argument("--format", choices=["native", "remote", "auto"], default="auto",
+                   help="native: GPT2LMHeadModel / LlamaForCausalLM + the heads beside them, no remote "
+                        "code; remote: mtplab's code (any trunk); auto (default): native if the trunk fits")
     p.add_argument("--out", required=True, help="directory to write (built beside it, then renamed)")
     p.add_argument("--deepseek-layout", action="store_true",
                    help="sequential heads: store the MTP modules DeepSeek-V3 style, model.layers.{n+j}")
     p.add_argument("--force", action="store_true", help="replace --out if it is not empty")
 
-    p = sub.add_parser("convert", help="import a GPT-2 (HF), GELU_GPT (gelu-d12) or nanochat checkpoint")
-    p.add_argument("format", metavar="FORMAT", help="gpt2 | gelu-d12 | nanochat")
+    p = sub.add_parser("convert", help="import a GPT-2 / Llama (HF), GELU_GPT (gelu-d12) or nanochat checkpoint")
+    p.add_argument("format", metavar="FORMAT", help="gpt2 | hf | gelu-d12 | nanochat | monostep")
     p.add_argument("source", help="the checkpoint directory (or file) to read")
     p.add_argument("--out", required=True, help="mtplab checkpoint directory to write")
     p.add_argument("--heads", type=int, default=None,
@@ -273,11 +276,13 @@ def cmd_ablate(args) -> None:
 
 
 def cmd_export_hf(args) -> None:
-    from .interop.hf_export import export_hf
+    from .interop.hf_export import export
 
-    out = export_hf(args.checkpoint, args.out, args.deepseek_layout, args.force)
-    print(f"exported {args.checkpoint} to {out}; load it with "
-          f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    out, written = export(args.checkpoint, args.out, args.format, args.deepseek_layout, args.force)
+    native = written == "native"
+    print(f"exported {args.checkpoint} to {out} ({'native' if native else 'remote code'}); load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code={native is False})"
+          + ("; `mtplab convert hf` reads it back, every head included" if native else ""))
 
 
 def cmd_convert(args) -> None:

@@ -21,6 +21,7 @@ from ..errors import MtplabError
 from .atomic import atomic_write_text, fsync_dir
 from .checkpoint import TRAINER_STATE, save_checkpoint
 from .gpt2 import convert_gpt2
+from .hf_native import convert_hf
 from .monostep import convert_monostep
 from .nanochat import convert_gelu_d12, convert_nanochat
 from .sources import ConvertOptions, Converted
@@ -36,6 +37,8 @@ class Format:
 FORMATS: dict[str, Format] = {
     "gpt2": Format(convert_gpt2, frozenset({"heads", "head_blocks", "tokenizer", "eos"}),
                    "HF GPT-2 directory -> seed 001's trunk + parallel heads"),
+    "hf": Format(convert_hf, frozenset({"tokenizer", "eos"}),
+                 "HF GPT-2 / Llama directory (with a native export's mtp_heads: every head) -> mtplab"),
     "gelu-d12": Format(convert_gelu_d12, frozenset({"tokenizer", "eos", "rope_base"}),
                        "GELU_GPT (seed 004) .pt or HF directory -> nanochat-feature trunk"),
     "nanochat": Format(convert_nanochat, frozenset({"tokenizer", "eos", "rope_base", "step"}),

@@ -1,9 +1,14 @@
 """`mtplab export-hf`: a checkpoint as a Hugging Face transformers model directory.
 
+`--format native` writes a trunk that is exactly GPT-2 or Llama as that architecture's own
+directory (hf_native.py: no remote code, the heads beside it); `--format remote` writes any trunk
+with mtplab's code; `auto` (the CLI's default) is native when the trunk fits, else remote. Both
+share the tokenizer files, the generation config and the atomic directory write below.
+
     AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)   # no mtplab needed
     AutoTokenizer.from_pretrained(out, trust_remote_code=True)         # a PreTrainedTokenizerFast
 
-What the directory holds:
+What the remote-code directory holds:
 
     config.json               model_type "mtplab", auto_map, the ModelConfig under "mtplab"
     configuration_mtplab.py   MtplabConfig (PretrainedConfig)              from interop/hf_remote/
@@ -41,6 +46,7 @@ from ..errors import MtplabError
 from ..tokenizer import CHAT_TEMPLATES, ChatTemplate, Tokenizer
 from .atomic import fsync_dir
 from .checkpoint import load_model
+from .hf_native import misfit_message, native_files
 from .hf_remote.deepseek_layout import deepseek_name
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the mtplab package directory
@@ -187,52 +193,101 @@ def tokenizer_config(tokenizer: Tokenizer, max_len: int) -> dict:
 
 
 # -- the export ----------------------------------------------------------------------------------
+FORMATS = ("native", "remote", "auto")
+
+
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, deepseek_layout: bool = False,
-              force: bool = False) -> Path:
+              force: bool = False, format: str = "remote") -> Path:
     """Write `checkpoint_dir` as a transformers model directory `out_dir` (built beside it, then
-    renamed into place). `force` replaces a non-empty `out_dir`."""
+    renamed); see `export`. Returns `out_dir`."""
+    return export(checkpoint_dir, out_dir, format, deepseek_layout, force)[0]
+
+
+def export(checkpoint_dir: str | Path, out_dir: str | Path, format: str = "auto",
+           deepseek_layout: bool = False, force: bool = False) -> tuple[Path, str]:
+    """Write `checkpoint_dir` as a transformers model directory `out_dir`; returns it and the format
+    written. remote: model_type "mtplab" with mtplab's code (any trunk); native: the standard
+    GPT-2 or Llama directory plus the heads beside it (hf_native; one line naming what does not
+    fit otherwise); auto: native when the trunk fits, else remote. `force` replaces a non-empty
+    `out_dir`."""
+    if format not in FORMATS:
+        raise MtplabError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
     checkpoint, out = Path(checkpoint_dir), Path(out_dir)
     model, tokenizer = load_model(checkpoint)
     if model.config.arch == "monostep":
         raise MtplabError(f"{checkpoint} is a Monostep model (no causal LM for transformers): write "
                           "seed 000's bundle with `mtplab export monostep` instead")
+    if deepseek_layout and format == "native":
+        raise MtplabError("--deepseek-layout names the heads of the remote-code export; a native "
+                          "export keeps mtplab's names in mtp_heads.safetensors")
+    if format == "auto":
+        format = "remote" if deepseek_layout or misfit_message(model.config) else "native"
+    if format == "native":
+        files = native_files(model, tokenizer)  # refuses a trunk that does not fit
+    else:
+        files = remote_files(model, tokenizer, deepseek_layout, checkpoint)
+    _check_target(checkpoint, out, force)
+    files.update(tokenizer_files(model, tokenizer))
+    write_export(out, files)
+    return out, format
+
+
+def remote_files(model, tokenizer: Tokenizer, deepseek_layout: bool, checkpoint: Path) -> dict:
+    """config.json, the weights under "model." and the remote code."""
     if deepseek_layout and model.config.mtp != "sequential":
         raise MtplabError(f"the DeepSeek-V3 layout is for sequential MTP heads; {checkpoint} has "
                           f"{model.config.mtp} heads")
-    _check_target(checkpoint, out, force)
 
     def name(key: str) -> str:
         return "model." + (deepseek_name(key, model.config.n_layers) if deepseek_layout else key)
 
     weights = {name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     layout = "deepseek-v3" if deepseek_layout else "mtplab"
-    configs = {
-        "config.json": hf_config(model, tokenizer, deepseek_layout),
+    return {**remote_code(),
+            "config.json": hf_config(model, tokenizer, deepseek_layout),
+            "model.safetensors": (weights, {"format": "pt", "mtplab_layout": layout})}
+
+
+def tokenizer_files(model, tokenizer: Tokenizer) -> dict:
+    """What both exports share: the tokenizer (a PreTrainedTokenizerFast with the chat template)
+    and the generation defaults (end-of-text and pad ids, greedy)."""
+    return {
+        "tokenizer.json": lambda path: tokenizer.hf.save(str(path)),
+        "tokenizer_config.json": tokenizer_config(tokenizer, model.config.max_seq_len),
         "generation_config.json": {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
                                    "do_sample": False},
-        "tokenizer_config.json": tokenizer_config(tokenizer, model.config.max_seq_len),
     }
 
-    # The files are written into a fresh sibling directory that is renamed into place at the end,
-    # so `out` never holds a partial export. (Plain writes with the umask's permissions: the whole
-    # directory is what is atomic, and an export is meant to be shared.)
+
+def write_export(out: Path, files: dict) -> None:
+    """Write `files` (name -> text, a dict as JSON, (tensors, metadata) as safetensors, or a
+    function of the path) as the directory `out`.
+
+    The files are written into a fresh sibling directory that is renamed into place at the end, so
+    `out` never holds a partial export. (Plain writes with the umask's permissions: the whole
+    directory is what is atomic, and an export is meant to be shared.)"""
     tmp = _sibling(out, "tmp")
     try:
         tmp.mkdir(parents=True)
-        for file_name, source in remote_code().items():
-            _write(tmp / file_name, lambda path, text=source: path.write_text(text))
-        _write(tmp / "model.safetensors", lambda path: save_file(
-            weights, str(path), metadata={"format": "pt", "mtplab_layout": layout}))
-        _write(tmp / "tokenizer.json", lambda path: tokenizer.hf.save(str(path)))
-        for file_name, value in configs.items():
-            _write(tmp / file_name, lambda path, v=value: path.write_text(json.dumps(v, indent=2) + "\n"))
+        for file_name, value in files.items():
+            _write(tmp / file_name, _writer(value))
         fsync_dir(tmp)
         _replace_dir(tmp, out)
     except OSError as exc:
         raise MtplabError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
-    return out
+
+
+def _writer(value) -> Callable[[Path], None]:
+    if callable(value):
+        return value
+    if isinstance(value, str):
+        return lambda path: path.write_text(value)
+    if isinstance(value, dict):
+        return lambda path: path.write_text(json.dumps(value, indent=2) + "\n")
+    tensors, metadata = value
+    return lambda path: save_file(tensors, str(path), metadata=metadata)
 
 
 def _sibling(path: Path, kind: str) -> Path:
