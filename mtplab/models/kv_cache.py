@@ -1,11 +1,14 @@
-"""A preallocated key/value cache for every attention layer of a model.
+"""A preallocated key/value cache for every attention layer of a model, with a length per row.
 
-Writing is a slice copy into fixed buffers and rolling back is moving one integer, which is what
-speculative decoding needs after a rejected draft.
+Writing is a slice copy into fixed buffers and rolling back is moving one integer per row, which
+is what speculative decoding needs after a rejected draft. Rows may hold different lengths (a
+batch of requests that joined at different steps, or accepted different numbers of drafts): a
+forward then writes each row's new positions at that row's own length, and the attention mask
+(layers.AttentionMask.ragged) hides every key past a row's own query positions.
 
 Besides keys and values the cache keeps every token id it has seen ([B, max_len]), because smear
 mixes in the previous token's embedding: after a rollback the previous token is simply
-ids[:, length - 1] again, with nothing else to undo. `n_loops` records the think-loop count the
+ids[b, lengths[b] - 1] again, with nothing else to undo. `n_loops` records the think-loop count the
 cache was laid out for (a looped trunk needs one cache layer per pass of each shared block).
 """
 
@@ -24,36 +27,104 @@ class KVCache:
         self.ids = torch.zeros((batch, max_len), device=device, dtype=torch.long)
         self.n_loops = n_loops
         self.max_len = max_len
-        self.length = 0  # positions filled; the next forward writes from here
+        self.lengths = [0] * batch  # positions filled per row; the next forward writes from here
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def uniform(self) -> bool:
+        return all(n == self.lengths[0] for n in self.lengths)
+
+    @property
+    def length(self) -> int:
+        """The one length every row has (a ragged cache has none: read `lengths`)."""
+        if not self.uniform:
+            raise ValueError(f"the cache's rows hold different lengths {self.lengths}")
+        return self.lengths[0]
+
+    def view(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) as a cache of their own: the same storage, lengths copied (write the
+        view's lengths back when it is done with)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.ids = self.k[:, start:stop], self.v[:, start:stop], self.ids[start:stop]
+        view.n_loops, view.max_len, view.lengths = self.n_loops, self.max_len, self.lengths[start:stop]
+        return view
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row `src`'s contents into row `dst` (keeping a batch's active rows contiguous)."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.ids[dst, :n] = self.ids[src, :n]
+        self.lengths[dst] = n
+
+    def _slots(self, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Row and slot indices [B, T] of a ragged write of t positions (None: one slice does)."""
+        end = max(self.lengths) + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        if self.uniform:
+            return None
+        device = self.ids.device
+        slots = torch.tensor(self.lengths, device=device)[:, None] + torch.arange(t, device=device)
+        rows = torch.arange(self.batch, device=device)[:, None].expand_as(slots)
+        return rows, slots
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, Hkv, T, hd] at the current position; return all keys/values so far."""
-        end = self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
+        """Store k, v [B, Hkv, T, hd] at each row's length; return every row's keys/values up to
+        the longest row's end ([B, Hkv, S, hd]; the mask hides what a row does not own)."""
+        t = k.size(2)
+        where = self._slots(t)
+        end = max(self.lengths) + t
+        if where is None:
+            start = self.lengths[0]
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
+        else:
+            rows, slots = where
+            self.k[layer][rows, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, hd] at (row, slot)
+            self.v[layer][rows, :, slots] = v.transpose(1, 2)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def store_ids(self, ids: torch.Tensor) -> None:
-        """Remember the token ids [B, T] at the current position (for smear)."""
-        end = self.length + ids.size(1)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
-        self.ids[:, self.length:end] = ids
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def rollback(self, length: int) -> None:
-        """Forget everything after `length` positions (rejected draft tokens)."""
-        self.length = min(self.length, length)
 
     def update_layers(self, first: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`update` for n consecutive layers at once: k, v [n, B, Hkv, T, hd] -> [n, B, Hkv, S, hd]."""
-        n, end = k.size(0), self.length + k.size(3)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
-        self.k[first:first + n, :, :, self.length:end] = k
-        self.v[first:first + n, :, :, self.length:end] = v
-        return self.k[first:first + n, :, :, :end], self.v[first:first + n, :, :, :end]
+        n, t = k.size(0), k.size(3)
+        where = self._slots(t)
+        end = max(self.lengths) + t
+        layers = slice(first, first + n)
+        if where is None:
+            start = self.lengths[0]
+            self.k[layers, :, :, start:end] = k
+            self.v[layers, :, :, start:end] = v
+        else:
+            rows, slots = where
+            # split advanced indices put their dimensions first: the target is [B, T, n, Hkv, hd]
+            self.k[layers][:, rows, :, slots] = k.permute(1, 3, 0, 2, 4)
+            self.v[layers][:, rows, :, slots] = v.permute(1, 3, 0, 2, 4)
+        return self.k[layers, :, :, :end], self.v[layers, :, :, :end]
+
+    def store_ids(self, ids: torch.Tensor) -> None:
+        """Remember the token ids [B, T] at each row's length (for smear)."""
+        where = self._slots(ids.size(1))
+        if where is None:
+            start = self.lengths[0]
+            self.ids[:, start:start + ids.size(1)] = ids
+        else:
+            self.ids[where] = ids
+
+    def previous_ids(self) -> torch.Tensor:
+        """[B, 1] the token before each row's next position (anything for an empty row)."""
+        if self.uniform:
+            start = max(self.lengths[0] - 1, 0)
+            return self.ids[:, start:start + 1]
+        last = torch.tensor([max(n - 1, 0) for n in self.lengths], device=self.ids.device)
+        return self.ids.gather(1, last[:, None])
+
+    def advance(self, n: int) -> None:
+        self.lengths = [length + n for length in self.lengths]
+
+    def rollback(self, length: int) -> None:
+        """Forget everything after `length` positions in every row (rejected draft tokens)."""
+        self.lengths = [min(n, length) for n in self.lengths]

@@ -62,18 +62,29 @@ class Rotary(nn.Module):
             self._memo = (key, (self.cos[start:start + t].to(dtype), self.sin[start:start + t].to(dtype)))
         return self._memo[1]
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        # x: [B, H, T, hd]
-        cos, sin = self._tables(start, x.size(2), x.dtype)
+    def forward(self, x: torch.Tensor, mask: "AttentionMask") -> torch.Tensor:
+        # x: [B, H, T, hd], or [n*B, H, T, hd] for n stacked heads over the same rows
+        if mask.positions is None:
+            cos, sin = self._tables(mask.start, x.size(2), x.dtype)
+        else:  # a position per row: [B, 1, T, hd] tables
+            positions = mask.positions.clamp(0, self.cos.size(0) - 1)  # pads' slots lie outside
+            cos, sin = self.cos[positions].unsqueeze(1).to(x.dtype), self.sin[positions].unsqueeze(1).to(x.dtype)
+            if x.size(0) != cos.size(0):
+                cos, sin = (t.repeat(x.size(0) // t.size(0), 1, 1, 1) for t in (cos, sin))
         return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 class AttentionMask:
     """How new positions may attend: causal among themselves, everything already in the cache;
-    a sliding-window layer additionally sees only keys fewer than `window` positions back."""
+    a sliding-window layer additionally sees only keys fewer than `window` positions back.
+
+    The plain mask has one start for every row (`start`, positions start..start+T-1). A ragged
+    mask (`ragged`) has a cache length per row and optionally a key mask (padding) and explicit
+    positions: then `mask` is [B, 1, T, S] and `positions` [B, T]."""
 
     def __init__(self, start: int, length: int, device: torch.device):
         self.start, self.length, self.device = start, length, device
+        self.positions = None  # [B, T] when rows differ
         self.is_causal = start == 0 and length > 1
         self.mask = None
         if start > 0 and length > 1:
@@ -81,9 +92,43 @@ class AttentionMask:
             queries = torch.arange(start, start + length, device=device)
             self.mask = keys[None, :] <= queries[:, None]  # [T, S]
         self._windowed: dict[int, torch.Tensor] = {}  # every layer with one window shares a mask
+        self._slots = None  # ragged: [B, T] the cache slot of every query
+
+    @classmethod
+    def ragged(cls, starts: list[int], length: int, device: torch.device,
+               key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> "AttentionMask":
+        """Row b's new positions sit at cache slots starts[b]..starts[b]+T-1. key_mask [B, >=S]:
+        slots a row may attend to (False: padding). positions [B, T]: position ids, by default
+        the slots minus the padding before them."""
+        self = cls.__new__(cls)
+        self.start, self.length, self.device, self.is_causal = None, length, device, False
+        self._windowed = {}
+        s = max(starts) + length
+        self._slots = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
+        keys = torch.arange(s, device=device)
+        allowed = keys[None, None, :] <= self._slots[:, :, None]  # [B, T, S] causal per row
+        if key_mask is not None:
+            key_mask = key_mask[:, :s].bool()
+            # a padding query still sees itself: a row with no key at all would be NaN, and NaN
+            # values poison the real queries that give them weight 0
+            allowed &= key_mask[:, None, :] | (keys[None, None, :] == self._slots[:, :, None])
+            if positions is None:
+                before = key_mask.long().cumsum(-1) - 1  # real slots before each one, minus one
+                positions = before.gather(1, self._slots).clamp_min(0)
+        self.positions = positions if positions is not None else self._slots
+        self.mask = allowed.unsqueeze(1)
+        return self
 
     def for_window(self, window: int) -> tuple[torch.Tensor | None, bool]:
         """(attn_mask, is_causal) for a layer with this window (0: full)."""
+        if self._slots is not None:
+            if not window or self.mask.size(-1) <= window:
+                return self.mask, False
+            if window not in self._windowed:
+                keys = torch.arange(self.mask.size(-1), device=self.device)
+                back = self._slots[:, None, :, None] - keys  # [B, 1, T, S] slots back (= positions)
+                self._windowed[window] = self.mask & (back < window)
+            return self._windowed[window], False
         if not window or self.start + self.length <= window:  # every key is within reach
             return self.mask, self.is_causal
         if window not in self._windowed:
@@ -124,7 +169,7 @@ class Attention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))  # [B, T, Hkv]
             v = v + gate.transpose(1, 2).unsqueeze(-1) * ve.view(b, t, self.n_kv, self.hd).transpose(1, 2)
         if rotary is not None:  # q and k in one rotation
-            q, k = rotary(torch.cat([q, k], dim=1), mask.start).split([self.n_heads, self.n_kv], dim=1)
+            q, k = rotary(torch.cat([q, k], dim=1), mask).split([self.n_heads, self.n_kv], dim=1)
         if self.qk_scale is not None:  # after RoPE: the norm is rotation-invariant either way
             q = F.rms_norm(q, (self.hd,), eps=self.eps) * self.qk_scale
             k = F.rms_norm(k, (self.hd,), eps=self.eps) * self.qk_scale

@@ -69,12 +69,15 @@ class StackedBlocks:
         k = self._linear(h, "attn.k_proj").view(n * b, t, self.n_kv, self.hd).transpose(1, 2)
         v = self._linear(h, "attn.v_proj").view(n * b, t, self.n_kv, self.hd).transpose(1, 2)
         if rotary is not None:
-            q, k = rotary(torch.cat([q, k], dim=1), mask.start).split([self.n_heads, self.n_kv], dim=1)
+            q, k = rotary(torch.cat([q, k], dim=1), mask).split([self.n_heads, self.n_kv], dim=1)
         if cache is not None:
             kn, vn = cache.update_layers(self.first_layer, k.view(n, b, self.n_kv, t, self.hd),
                                          v.view(n, b, self.n_kv, t, self.hd))
             k, v = kn.reshape(n * b, self.n_kv, -1, self.hd), vn.reshape(n * b, self.n_kv, -1, self.hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal,
+        attn_mask = mask.mask
+        if attn_mask is not None and attn_mask.dim() == 4:  # per row: the same rows for every head
+            attn_mask = attn_mask.repeat(n, 1, 1, 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=mask.is_causal,
                                            enable_gqa=self.n_kv != self.n_heads)
         y = y.transpose(1, 2).reshape(n, b * t, self.n_heads * self.hd)
         flat = flat + self._linear(y, "attn.o_proj")

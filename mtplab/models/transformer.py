@@ -99,13 +99,15 @@ class Transformer(nn.Module):
         x = self.wte(ids)
         return self.embed_norm(x) if self.embed_norm is not None else x
 
-    def _smear(self, x: torch.Tensor, ids: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
+    def _smear(self, x: torch.Tensor, ids: torch.Tensor, mask: AttentionMask, cache: KVCache | None) -> torch.Tensor:
         """x [B, T, D] -> x with the previous token's embedding mixed in through a learned gate."""
-        if start > 0:  # the token before this call's first one is in the cache
-            first = self._token_embedding(cache.ids[:, start - 1:start])  # [B, 1, D]
-        else:  # position 0 has no previous token
+        if cache is not None and max(cache.lengths) > 0:  # the token before this call's first one is cached
+            first = self._token_embedding(cache.previous_ids())  # [B, 1, D]
+        else:
             first = torch.zeros_like(x[:, :1])
         prev = torch.cat([first, x[:, :-1]], dim=1)  # [B, T, D]
+        if mask.positions is not None:  # position 0 of a row (after padding, or a new row) has none
+            prev = prev * (mask.positions > 0).unsqueeze(-1).to(prev.dtype)
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :self.config.smear]))  # [B, T, 1]
         return x + gate * prev
 
@@ -117,9 +119,11 @@ class Transformer(nn.Module):
         c = self.config
         x = self._token_embedding(ids) if embeds is None else embeds
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(mask.start, mask.start + x.size(1), device=x.device))
+            positions = (torch.arange(mask.start, mask.start + x.size(1), device=x.device)
+                         if mask.positions is None else mask.positions.clamp(0, c.max_seq_len - 1))
+            x = x + self.wpe(positions)
         if c.smear:
-            x = self._smear(x, ids, mask.start, cache)
+            x = self._smear(x, ids, mask, cache)
         if cache is not None:
             cache.store_ids(ids)
         if c.dropout and self.training:
@@ -186,14 +190,15 @@ class Transformer(nn.Module):
                                 c.kv_heads, max_len or c.max_seq_len, c.head_dim, device=self.device,
                                 dtype=dtype or self.wte.weight.dtype, n_loops=self.n_think_loops)
 
-    def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None,
-                      n_heads: int | None = None) -> list[torch.Tensor]:
+    def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None, n_heads: int | None = None,
+                      key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Hidden states of the first `n_heads` heads, before the final norm: head k gives
         [B, T_k, D] (T_k = T, or T - k for sequential depths). With a cache, the new positions
-        continue the cached ones and the cache advances by T."""
+        continue each row's cached ones and every row advances by T. `key_mask` [B, S] (False:
+        a padding slot, never attended to) and `positions` [B, T] serve padded batches; the
+        positions default to the slots minus the padding before them."""
         n_heads = self.n_future if n_heads is None else n_heads
-        start = cache.length if cache is not None else 0
-        mask = AttentionMask(start, ids.size(1), ids.device)
+        mask = self.attention_mask(ids, cache, key_mask, positions)
         if cache is not None and hasattr(self.heads, "set_first_layer"):
             self.heads.set_first_layer(self.cache_layers(cache.n_loops))  # heads follow the trunk
         h = self.trunk(ids, mask, cache)
@@ -209,8 +214,19 @@ class Transformer(nn.Module):
             cache.advance(ids.size(1))
         return out
 
+    def attention_mask(self, ids: torch.Tensor, cache: KVCache | None = None,
+                       key_mask: torch.Tensor | None = None,
+                       positions: torch.Tensor | None = None) -> AttentionMask:
+        """The mask for new ids [B, T] after what `cache` holds: the plain one when every row
+        starts at the same slot and nothing is padded, else a ragged one."""
+        starts = cache.lengths if cache is not None else [0] * ids.size(0)
+        if key_mask is None and positions is None and all(n == starts[0] for n in starts):
+            return AttentionMask(starts[0], ids.size(1), ids.device)
+        return AttentionMask.ragged(starts, ids.size(1), ids.device, key_mask, positions)
+
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, n_heads: int | None = None,
-                last_only: bool = False) -> list[torch.Tensor]:
+                last_only: bool = False, key_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Logits [B, T_k, V] of the first `n_heads` heads (see `hidden_states`)."""
         return [self.head_logits(k, h[:, -1:] if last_only else h)
-                for k, h in enumerate(self.hidden_states(ids, cache, n_heads))]
+                for k, h in enumerate(self.hidden_states(ids, cache, n_heads, key_mask, positions))]
