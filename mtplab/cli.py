@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it is not empty")
 
     p = sub.add_parser("convert", help="import a GPT-2 / Llama (HF), GELU_GPT (gelu-d12) or nanochat checkpoint")
-    p.add_argument("format", metavar="FORMAT", help="gpt2 | hf | gelu-d12 | nanochat | monostep")
+    p.add_argument("format", metavar="FORMAT", help="gpt2 | gelu-d12 | nanochat | monostep | hf")
     p.add_argument("source", help="the checkpoint directory (or file) to read")
     p.add_argument("--out", required=True, help="mtplab checkpoint directory to write")
     p.add_argument("--heads", type=int, default=None,

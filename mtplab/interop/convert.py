@@ -37,14 +37,14 @@ class Format:
 FORMATS: dict[str, Format] = {
     "gpt2": Format(convert_gpt2, frozenset({"heads", "head_blocks", "tokenizer", "eos"}),
                    "HF GPT-2 directory -> seed 001's trunk + parallel heads"),
-    "hf": Format(convert_hf, frozenset({"tokenizer", "eos"}),
-                 "HF GPT-2 / Llama directory (with a native export's mtp_heads: every head) -> mtplab"),
     "gelu-d12": Format(convert_gelu_d12, frozenset({"tokenizer", "eos", "rope_base"}),
                        "GELU_GPT (seed 004) .pt or HF directory -> nanochat-feature trunk"),
     "nanochat": Format(convert_nanochat, frozenset({"tokenizer", "eos", "rope_base", "step"}),
                        "nanochat model_<step>.pt + meta_<step>.json -> nanochat-feature trunk"),
     "monostep": Format(convert_monostep, frozenset({"tokenizer", "trust_pickle"}),
                        "seed 000's monostep_bundle.pt (+ GPT-2 tokenizer files) -> Monostep"),
+    "hf": Format(convert_hf, frozenset({"tokenizer", "eos"}),
+                 "HF GPT-2 / Llama directory (with a native export's mtp_heads: every head) -> mtplab"),
 }
 
 
