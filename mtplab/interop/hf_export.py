@@ -199,7 +199,8 @@ FORMATS = ("native", "remote", "auto")
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, deepseek_layout: bool = False,
               force: bool = False, format: str = "remote") -> Path:
     """Write `checkpoint_dir` as a transformers model directory `out_dir` (built beside it, then
-    renamed); see `export`. Returns `out_dir`."""
+    renamed); see `export`. Returns `out_dir`. The default stays the remote-code export that this
+    function always wrote; the CLI's default is "auto"."""
     return export(checkpoint_dir, out_dir, format, deepseek_layout, force)[0]
 
 

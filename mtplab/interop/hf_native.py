@@ -10,7 +10,7 @@ llama.cpp's convert_hf_to_gguf.py read it as they read any GPT-2 or Llama):
 The standard model's layers are the trunk's blocks and, for parallel heads, head 0's blocks (which
 finish the next-token path); `native_layers` lists them. What a standard config can express is
 mapped (norm_eps, rope_base, kv heads, d_ff, tie_embeddings, max_seq_len, dropout; mtplab's bias
-flag as GPT-2's fixed biases or Llama's attention_bias + mlp_bias). A weight the standard model has
+flag is Llama's attention_bias + mlp_bias, GPT-2 always has biases). A weight the standard model has
 and the mtplab one lacks is written as the constant that computes the same (parameterless norms:
 gain 1, bias 0; GPT-2 without biases: 0) and checked to still be that constant on the way back.
 Anything else (value embeddings, QK-norm, windows, smear, backout, softcap, loops, low rank, slot
