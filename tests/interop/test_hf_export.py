@@ -20,6 +20,7 @@ from mtplab.config import ModelConfig  # noqa: E402
 from mtplab.inference.generate import generate_ids  # noqa: E402
 from mtplab.interop.checkpoint import load_model, save_checkpoint  # noqa: E402
 from mtplab.interop.hf_export import absolute_imports, export_hf, remote_code  # noqa: E402
+from mtplab.interop.hf_remote.modeling_mtplab import CACHE_FIELD  # noqa: E402
 from mtplab.models.transformer import Transformer  # noqa: E402
 from mtplab.tokenizer import Tokenizer  # noqa: E402
 from tests.conftest import shared_path  # noqa: E402
@@ -178,19 +179,143 @@ def test_sequential_depths_without_a_cache_only(tmp_path, tokenizer):
             hf(ids, use_cache=True, output_mtp_logits=True)
 
 
-def test_labels_padding_and_loss(tmp_path, tokenizer):
+def test_labels_and_loss(tmp_path, tokenizer):
     model, out = exported(tmp_path, tokenizer, **FAMILIES["medusa"])
     hf = load_hf(out)
     ids = torch.tensor([tokenizer.encode(PROMPT)] * 2)
     with torch.no_grad():
         loss = hf(ids, labels=ids).loss
         logits = model(ids)[0]
-    want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    assert abs(loss.item() - want.item()) < 1e-5
-    mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="padding"):
-        hf(ids, attention_mask=mask)
+        want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        assert abs(loss.item() - want.item()) < 1e-5
+        # right padding labelled -100: the loss of the unpadded row
+        pad = tokenizer.pad_id
+        padded = torch.cat([ids[:1], torch.full((1, 5), pad)], dim=1)
+        mask = (torch.arange(padded.size(1)) < ids.size(1)).long()[None]
+        labels = padded.masked_fill(mask == 0, -100)
+        loss = hf(padded, attention_mask=mask, labels=labels).loss
+        assert abs(loss.item() - want.item()) < 1e-5
+
+
+# Four prompts of different lengths (3 to 19 tokens), for padded batches.
+PROMPTS = ["Ben had", "The meaning of life is", "Ava has 3 apples. Then Ava buys 5 more",
+           "Ava has 3 apples. Then Ava buys 5 more apples. How many apples does"]
+PADDED = ["parallel", "sequential", "nanochat", "gpt2-like", "looped"]
+
+
+def assert_close(got, want, *context):
+    """Within 1e-5, relative to the largest logit when that is above 1: float32 batching alone
+    (the same row twice, no padding) moves nanochat's logits of ~13 by 1.2e-5."""
+    tol = 1e-5 * max(1.0, want.abs().max().item())
+    delta = (got - want).abs().max().item()
+    assert delta < tol, (delta, tol, *context)
+
+
+def pad_batch(rows, pad_id, left=True):
+    """[B, T] ids padded with pad_id on the left (or right) and the [B, T] attention mask."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        where = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, where] = torch.tensor(row)
+        mask[i, where] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", PADDED)
+def test_padded_batches_give_every_row_its_unpadded_logits(tmp_path, tokenizer, family):
+    """Left and right padding (no cache, and through the cache): each row's real positions get the
+    logits of that row alone, as mtplab computes them; position_ids, when given, are the positions."""
+    model, out = exported(tmp_path, tokenizer, **FAMILIES[family])
+    hf = load_hf(out)
+    rows = [tokenizer.encode(p) for p in PROMPTS]
+    assert len({len(r) for r in rows}) == len(rows) and tokenizer.pad_id not in sum(rows, [])
+    alone = []
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row])
+            want = model(ids, n_heads=1)[0][0]
+            assert_close(hf(ids).logits[0], want)
+            alone.append(want)
+        for left in (True, False):
+            ids, mask = pad_batch(rows, tokenizer.pad_id, left)
+            got = hf(ids, attention_mask=mask)
+            for i, want in enumerate(alone):
+                assert_close(got.logits[i][mask[i].bool()], want, left, i)
+        # through the cache: a left-padded prefill, then two steps (mask as generate() passes it,
+        # then none: the cache remembers its padding)
+        ids, mask = pad_batch([r[:-2] for r in rows], tokenizer.pad_id)
+        first = hf(ids, attention_mask=mask, use_cache=True)
+        cache = getattr(first, CACHE_FIELD)
+        nxt = torch.tensor([[r[-2]] for r in rows])
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
+        step = hf(nxt, attention_mask=mask, cache=cache, use_cache=True)
+        last = hf(torch.tensor([[r[-1]] for r in rows]), cache=cache, use_cache=True)
+        assert cache.get_seq_length() == ids.size(1) + 2
+        for i, want in enumerate(alone):
+            assert_close(step.logits[i, -1], want[-2], i)
+            assert_close(last.logits[i, -1], want[-1], i)
+        if model.heads.chained:  # sequential depths need unpadded rows
+            ids, mask = pad_batch(rows, tokenizer.pad_id)
+            with pytest.raises(ValueError, match="sequential MTP depths take no padding"):
+                hf(ids, attention_mask=mask, output_mtp_logits=True)
+        elif family == "parallel":  # every head's logits, padded
+            ids, mask = pad_batch(rows, tokenizer.pad_id)
+            got = hf(ids, attention_mask=mask, output_mtp_logits=True).mtp_logits
+            for i, row in enumerate(rows):
+                want = model(torch.tensor([row]))
+                for k in range(model.n_future):
+                    assert_close(got[k][i][mask[i].bool()], want[k][0], i, k)
+
+
+@pytest.mark.parametrize("family", ["gpt2-like", "nanochat"])
+def test_position_ids_are_the_positions(tmp_path, tokenizer, family):
+    """position_ids are used, not dropped: row 1's, with a gap of 7 halfway (RoPE only sees
+    relative positions), give mtplab's logits at those positions."""
+    model, out = exported(tmp_path, tokenizer, **FAMILIES[family])
+    hf = load_hf(out)
+    ids = torch.tensor([tokenizer.encode(PROMPT)] * 2)
+    t = ids.size(1)
+    plain = torch.arange(t)[None]
+    shifted = torch.stack([torch.arange(t), torch.arange(t) + 7 * (torch.arange(t) >= t // 2)])
+    with torch.no_grad():
+        base = hf(ids).logits
+        assert torch.equal(hf(ids, position_ids=plain).logits, base)  # the plain ones: the plain path
+        got = hf(ids, position_ids=shifted).logits
+        want = model(ids, n_heads=1, positions=shifted)[0]
+        assert_close(got, want)
+        assert_close(got[0], base[0])
+        assert (got[1] - base[1]).abs().max().item() > 1e-3  # row 1's positions differ
+        with pytest.raises(ValueError, match="position_ids must be"):
+            hf(ids, position_ids=torch.arange(t + 1)[None])
+        with pytest.raises(ValueError, match="attention_mask must be"):
+            hf(ids, attention_mask=torch.ones(2, t + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", PADDED)
+def test_left_padded_generate_gives_every_row_its_batch_1_tokens(tmp_path, tokenizer, family):
+    """generate() on four left-padded prompts of different lengths (the HF tokenizer pads): each
+    row's greedy tokens are its batch-1 tokens, which are mtplab's."""
+    model, out = exported(tmp_path, tokenizer, **FAMILIES[family])
+    hf = load_hf(out)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    hf_tok.padding_side = "left"
+    batch = hf_tok(PROMPTS, padding=True, return_tensors="pt")
+    assert not bool(batch["attention_mask"].all())
+    n = 10
+    eos = tokenizer.eos_id
+    with torch.no_grad():
+        out_ids = hf.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=hf_tok.pad_token_id)
+    width = batch["input_ids"].size(1)
+    produced = []
+    for i, text in enumerate(PROMPTS):
+        prompt = tokenizer.encode(text)
+        tokens = out_ids[i, width:].tolist()
+        tokens = tokens[:tokens.index(eos)] if eos in tokens else tokens
+        assert tokens == greedy_hf(hf, prompt, n) == generate_ids(model, prompt, n, eos_id=eos), i
+        produced.append(tokens)
+    assert sum(map(len, produced)) >= n  # real continuations, not an immediate end of text
 
 
 def test_tokenizer_and_chat_template(tmp_path, tokenizer):

@@ -5,6 +5,11 @@ a `model.` prefix (or DeepSeek-V3's names for sequential MTP modules, see deepse
 `logits` are head 0's, the model's next-token distribution; `output_mtp_logits=True` adds every
 head's (head k predicts token t+1+k from position t), for drafting. `past_key_values` is mtplab's
 own preallocated KV cache, made by a forward with `use_cache=True` and passed back in.
+
+Padded batches: `attention_mask` [B, S] (0 = padding; S = the cache's slots so far + T, as
+`generate()` passes it) becomes mtplab's key mask, so no row attends to another's padding, in the
+cache too, and the positions count each row's real tokens (or are `position_ids`, when given).
+Left- and right-padded rows then get exactly their unpadded logits.
 """
 
 from dataclasses import dataclass
@@ -22,9 +27,12 @@ from .deepseek_layout import use_deepseek_names
 
 
 class MtplabCache(KVCache):
-    """mtplab's KV cache, sized for `max_seq_len`, plus what `generate()` asks of a cache."""
+    """mtplab's KV cache, sized for `max_seq_len`, plus what `generate()` asks of a cache. Every
+    row holds the same number of slots (padding included); `key_mask` remembers which are padding,
+    for a later call that passes no attention_mask."""
 
     n_heads = 1  # parallel heads whose blocks the cache follows; set when the cache starts
+    key_mask: torch.Tensor | None = None  # [B, slots] bool, once a call had padding
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -42,9 +50,9 @@ class MtplabCausalLMOutput(CausalLMOutputWithPast):
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # Keywords generate() and pipelines pass that cannot change mtplab's result at these values; any
 # other keyword, or these at another value, is refused rather than silently dropped.
+# (`cache_position` restates the cache length, which the cache itself knows.)
 IGNORABLE = {"output_attentions": (None, False), "output_hidden_states": (None, False),
-             "inputs_embeds": (None,), "token_type_ids": (None,), "cache_position": "any",
-             "position_ids": "checked"}
+             "inputs_embeds": (None,), "token_type_ids": (None,), "cache_position": "any"}
 
 
 def _check_ignorable(kwargs: dict) -> None:
@@ -52,10 +60,39 @@ def _check_ignorable(kwargs: dict) -> None:
         allowed = IGNORABLE.get(key)
         if allowed is None:
             raise TypeError(f"MtplabForCausalLM.forward() got an unexpected keyword argument {key!r}")
-        if allowed in ("any", "checked"):
-            continue  # cache_position restates the cache length; position_ids are checked by forward
-        if not any(value is a for a in allowed):
+        if allowed != "any" and not any(value is a for a in allowed):
             raise ValueError(f"MtplabForCausalLM does not support {key}={value!r}")
+
+
+def _padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+             cache: MtplabCache | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(key_mask [B, S] or None, positions [B, T] or None) for mtplab's model; None for both when
+    nothing is padded and the positions are the plain ones, so unpadded calls take the plain path."""
+    b, t = input_ids.shape
+    past = cache.length if cache is not None else 0
+    key_mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.size(0) != b or attention_mask.size(1) != past + t:
+            raise ValueError(f"attention_mask must be [batch, cached + new positions] = [{b}, {past + t}] "
+                             f"(1: a token, 0: padding); got {list(attention_mask.shape)}")
+        key_mask = attention_mask.to(input_ids.device).bool()
+    elif cache is not None and cache.key_mask is not None:  # padding in the cache, none among the new
+        key_mask = torch.ones(b, past + t, dtype=torch.bool, device=input_ids.device)
+        key_mask[:, :past] = cache.key_mask[:, :past]
+    if key_mask is not None and bool(key_mask.all()):
+        key_mask = None
+    if cache is not None:
+        cache.key_mask = key_mask
+    if position_ids is not None:
+        if position_ids.dim() != 2 or position_ids.size(0) not in (1, b) or position_ids.size(1) != t:
+            raise ValueError(f"position_ids must be [batch, new positions] = [{b}, {t}]; "
+                             f"got {list(position_ids.shape)}")
+        position_ids = position_ids.to(input_ids.device).long().expand(b, t)
+        if key_mask is None:  # unpadded: the plain positions continue the cache
+            plain = torch.arange(past, past + t, device=input_ids.device)
+            if torch.equal(position_ids, plain.expand(b, t)):
+                position_ids = None
+    return key_mask, position_ids
 
 
 class MtplabForCausalLM(PreTrainedModel, GenerationMixin):
@@ -92,20 +129,22 @@ class MtplabForCausalLM(PreTrainedModel, GenerationMixin):
             module._memo = (None, None)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None,
                 past_key_values: MtplabCache | None = None, use_cache: bool | None = None,
                 labels: torch.LongTensor | None = None, logits_to_keep: int = 0,
                 output_mtp_logits: bool = False, return_dict: bool | None = None,
                 cache: MtplabCache | None = None, **kwargs) -> MtplabCausalLMOutput | tuple:
         """input_ids [B, T] continue the positions in the cache (if given). The cache arrives as
         `past_key_values` (transformers 4.x and early 5.x) or `cache` (5.24 on). `use_cache`
-        (default off) starts a cache when none is given. `logits_to_keep` > 0: logits of the last
-        that many positions only. `labels`: the usual shifted next-token loss on head 0."""
+        (default off) starts a cache when none is given. `attention_mask` [B, cached + T]: 0 marks
+        padding (left or right), which no position attends to; `position_ids` [B, T] (default:
+        each row's real tokens so far, from the mask). `logits_to_keep` > 0: logits of the last
+        that many positions only. `labels`: the usual shifted next-token loss on head 0 (-100 at
+        padding to leave it out)."""
         if past_key_values is not None and cache is not None and past_key_values is not cache:
             raise ValueError("pass the cache once: as `cache` or as `past_key_values`, not both")
         cache = cache if cache is not None else past_key_values
         _check_ignorable(kwargs)
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("mtplab models have no padding mask: pass unpadded prompts of one length")
         heads = self.model.heads
         n_heads = self.model.n_future if output_mtp_logits else 1
         if cache is None and use_cache:
@@ -121,7 +160,11 @@ class MtplabForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("sequential MTP depths need the tokens after each position: ask for "
                              "mtp_logits without a cache (use_cache=False)")
 
-        hidden = self.model.hidden_states(input_ids, cache, n_heads)
+        key_mask, positions = _padding(input_ids, attention_mask, position_ids, cache)
+        if heads.chained and output_mtp_logits and (key_mask is not None or positions is not None):
+            raise ValueError("sequential MTP depths take no padding mask or position_ids: ask for "
+                             "mtp_logits of unpadded rows (head 0's logits take padding)")
+        hidden = self.model.hidden_states(input_ids, cache, n_heads, key_mask, positions)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.model.head_logits(0, hidden[0][:, keep])
         mtp_logits = None
