@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
     p.add_argument("--model-name", default=None, help="the model's id in the API (default: directory name)")
-    p.add_argument("--max-active", type=int, default=16, help="requests decoded together, in turn")
+    p.add_argument("--max-batch", "--max-active", dest="max_batch", type=int, default=16,
+                   help="requests decoded together in one batch (1: one forward per request in turn)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429")
     p.add_argument("--device", default="cpu")
 
@@ -191,7 +192,7 @@ def cmd_serve(args) -> None:
     from .serve.server import serve
 
     serve(args.checkpoint, args.host, args.port, args.api_key, args.model_name, args.max_queue,
-          args.max_active, args.device)
+          args.max_batch, args.device)
 
 
 def read_prompts(path: str | None, tokenizer, chat: bool) -> list[list[int]]:

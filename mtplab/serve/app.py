@@ -2,7 +2,9 @@
 
 Every answer to a bad request is a 4xx whose body is `{"error": {"message", "type", "param",
 "code"}}`, as the `openai` client expects; a 5xx would mean a bug in mtplab. Decoding runs on the
-model worker's thread (worker.py); the handlers only tokenize, validate and relay pieces. Streams
+model worker's thread (worker.py): a Transformer's requests are rows of one batched engine
+(continuous batching, up to `max_batch` rows), a Monostep model's decode one at a time in turn. The
+handlers only tokenize, validate and relay pieces. Streams
 are server-sent events, one chunk per decode event plus a final chunk with `usage`, ending with
 `data: [DONE]`. Each chunk carries an `mtplab` object: the event's tokens, which of them were
 accepted drafts, the drafts verified and τ (tokens per forward) so far.
@@ -27,9 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MtplabError
 from ..inference.decode import decode
+from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
+from ..models.transformer import Transformer
 from .schemas import ChatRequest, CompletionRequest, _Sampling
-from .streaming import Piece, stream_pieces
+from .streaming import EngineJob, Piece, stream_pieces
 from .worker import QueueFull, Ticket, Worker
 
 STATIC = Path(__file__).parent / "static"
@@ -96,19 +100,26 @@ def sse(data: Any) -> str:
 
 
 def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None = None,
-               max_queue: int = 64, max_active: int = 16,
-               decode_fn: Callable[..., Iterator] = decode) -> FastAPI:
-    """An app serving one model. `decode_fn` has `mtplab.inference.decode.decode`'s signature
-    (tests slow it down to press stop mid-answer)."""
+               max_queue: int = 64, max_batch: int = 16, decode_fn: Callable[..., Iterator] | None = None,
+               engine_fn: Callable[..., Engine] = Engine) -> FastAPI:
+    """An app serving one model, decoding up to `max_batch` requests together with `max_queue`
+    more waiting. A Transformer's requests share one `engine_fn(model, max_batch=, n_draft=)`
+    (tests slow it down to press stop mid-answer). `decode_fn`, with
+    `mtplab.inference.decode.decode`'s signature, decodes each request on its own instead, in turn
+    (a Monostep model always does, with `decode`)."""
     window = model.config.max_seq_len
     vocab = model.config.vocab_size
     block_model = model.config.arch == "monostep"  # seed 000: one block of slots per forward
+    batched = decode_fn is None and isinstance(model, Transformer)  # else one request at a time
+    decode_fn = decode_fn or decode
     created = int(time.time())
     state: dict[str, Worker | None] = {"worker": None}
 
     def worker() -> Worker:
         if state["worker"] is None:  # made on first use, so that an app without lifespan works too
-            state["worker"] = Worker(max_queue, max_active)
+            def engine():  # on the worker thread, once: its KV cache holds max_batch rows
+                return engine_fn(model, max_batch=max_batch, n_draft=model.n_future - 1)
+            state["worker"] = Worker(max_queue, max_batch, engine if batched else None)
         return state["worker"]
 
     @asynccontextmanager
@@ -186,8 +197,9 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
             raise APIError(404, f"the model {name!r} does not exist; this server has {model_name!r}",
                            param="model", code="model_not_found")
 
-    def plan(body: _Sampling, prompt: list[int], max_tokens: int | None) -> tuple[Callable, int]:
-        """Validate what depends on the model; returns the worker's decoder factory and the limit."""
+    def plan(body: _Sampling, prompt: list[int], max_tokens: int | None) -> tuple[Any, int]:
+        """Validate what depends on the model; returns the worker's job (or decoder factory) and
+        the limit."""
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
         if len(prompt) >= window:
@@ -220,23 +232,27 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
         except MtplabError as exc:
             raise APIError(400, str(exc)) from None
         stops = body.stop_strings()
+        if batched:
+            speculative = model.n_future > 1 if body.speculative is None else body.speculative
+            n_draft = (model.n_future - 1 if body.n_draft is None else body.n_draft) if speculative else 0
+            return EngineJob(tokenizer, prompt, max_tokens, params, n_draft, stops), max_tokens
 
         def start():
             return stream_pieces(model, tokenizer, prompt, max_tokens, params, body.speculative,
                                  body.n_draft, stops, decode_fn)
         return start, max_tokens
 
-    def submit(start: Callable) -> Ticket:
+    def submit(work) -> Ticket:
         try:
-            return worker().submit(start)
+            return worker().submit_job(work) if batched else worker().submit(work)
         except QueueFull as exc:
             raise APIError(429, f"the server is busy: {exc}", type="rate_limit_error",
                            code="queue_full") from None
 
     async def respond(request: Request, body: _Sampling, prompt: list[int], max_tokens: int | None,
                       chat: bool):
-        start, max_tokens = plan(body, prompt, max_tokens)
-        ticket = submit(start)
+        work, max_tokens = plan(body, prompt, max_tokens)
+        ticket = submit(work)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name}

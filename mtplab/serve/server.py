@@ -29,22 +29,24 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, max_queue: int = 64, max_active: int = 16,
+          model_name: str | None = None, max_queue: int = 64, max_batch: int = 16,
           device: str = "cpu", log_level: str = "info") -> None:
     import uvicorn
 
     from ..interop.checkpoint import load_model
     from .app import create_app
 
-    if max_queue < 0 or max_active < 1:
-        raise MtplabError("--max-queue must be >= 0 and --max-active >= 1")
+    if max_batch < 1:
+        raise MtplabError(f"--max-batch must be >= 1, got {max_batch}")
+    if max_queue < 0:
+        raise MtplabError(f"--max-queue must be >= 0, got {max_queue}")
     if api_key is not None and not api_key.strip():
         raise MtplabError("--api-key must not be empty")
     sock = bind(host, port)
     try:
         model, tokenizer = load_model(checkpoint, device)
         name = model_name or Path(checkpoint).resolve().name
-        app = create_app(model, tokenizer, name, api_key, max_queue, max_active)
+        app = create_app(model, tokenizer, name, api_key, max_queue, max_batch)
         shown = f"[{host}]" if ":" in host else host
         print(f"mtplab serve: model {name!r} ({model.num_parameters() / 1e6:.1f}M parameters, "
             f"{model.n_future} head(s)) at http://{shown}:{sock.getsockname()[1]}/ "

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..inference.decode import TextDecoder, decode
+from ..inference.engine import Request
 from ..inference.sampling import SamplingParams
 from ..inference.speculative import SpeculativeStats
 
@@ -76,39 +77,79 @@ class StopStrings:
         return out
 
 
-def stream_pieces(model, tokenizer, prompt: list[int], max_tokens: int, params: SamplingParams,
-                  speculative: bool | None = None, n_draft: int | None = None, stop: list[str] = (),
-                  decode_fn: Callable[..., Iterator] = decode) -> Iterator[Piece]:
-    """The pieces of one completion; the last has `finish_reason` set."""
-    stats = SpeculativeStats()
-    text = TextDecoder(tokenizer)
-    stops = StopStrings(list(stop))
-    forwards = produced = 0
-    t0 = time.perf_counter()
-    events = decode_fn(model, prompt, max_tokens, params, tokenizer.eos_id, speculative, n_draft, stats)
-    for event in events:
-        forwards += 1  # each event is one trunk forward (the first one reads the prompt)
-        produced += len(event.tokens)
-        segments = [(text.feed([t]), a) for t, a in zip(event.tokens, event.accepted)]
+class PieceMaker:
+    """One completion's events -> its pieces, one piece per event; the last has `finish_reason`
+    set (eos, the token limit or a stop string: the caller stops decoding there)."""
+
+    def __init__(self, tokenizer, max_tokens: int, stop: list[str] = (),
+                 stats: SpeculativeStats | None = None):
+        self.max_tokens = max_tokens
+        self.stats = stats if stats is not None else SpeculativeStats()
+        self.text = TextDecoder(tokenizer)
+        self.stops = StopStrings(list(stop))
+        self.forwards = self.produced = 0
+        self.t0 = time.perf_counter()
+
+    def _speed(self) -> float:
+        return self.produced / max(time.perf_counter() - self.t0, 1e-9)
+
+    def feed(self, event) -> Piece:
+        self.forwards += 1  # each event is one trunk forward (the first one reads the prompt)
+        self.produced += len(event.tokens)
+        segments = [(self.text.feed([t]), a) for t, a in zip(event.tokens, event.accepted)]
         if event.finished:
-            segments.append((text.flush(), False))
-        out, stopped = stops.push(segments)
+            segments.append((self.text.flush(), False))
+        out, stopped = self.stops.push(segments)
         finish = None
         if stopped:
             finish = "stop"
         elif event.finished:
-            out += stops.flush()
-            finish = "length" if produced >= max_tokens else "stop"  # else eos came first
-        elapsed = time.perf_counter() - t0
-        yield Piece("".join(t for t, _ in out), out, list(event.tokens), list(event.accepted),
-                    list(event.drafts), produced / forwards, produced / max(elapsed, 1e-9), produced,
-                    finish, stats)
-        if finish:
+            out += self.stops.flush()
+            finish = "length" if self.produced >= self.max_tokens else "stop"  # else eos came first
+        return Piece("".join(t for t, _ in out), out, list(event.tokens), list(event.accepted),
+                     list(event.drafts), self.produced / self.forwards, self._speed(), self.produced,
+                     finish, self.stats)
+
+    def end(self) -> Piece:
+        """The last piece of a decoder that ended without a finished event: the held-back text."""
+        out, stopped = self.stops.push([(self.text.flush(), False)])
+        if not stopped:
+            out += self.stops.flush()
+        return Piece("".join(t for t, _ in out), out, [], [], [], self.produced / max(self.forwards, 1),
+                     self._speed(), self.produced, "length" if self.produced >= self.max_tokens else "stop",
+                     self.stats)
+
+
+def stream_pieces(model, tokenizer, prompt: list[int], max_tokens: int, params: SamplingParams,
+                  speculative: bool | None = None, n_draft: int | None = None, stop: list[str] = (),
+                  decode_fn: Callable[..., Iterator] = decode) -> Iterator[Piece]:
+    """The pieces of one completion decoded on its own (`decode_fn`); the last has `finish_reason` set."""
+    pieces = PieceMaker(tokenizer, max_tokens, stop)
+    for event in decode_fn(model, prompt, max_tokens, params, tokenizer.eos_id, speculative, n_draft,
+                           pieces.stats):
+        piece = pieces.feed(event)
+        yield piece
+        if piece.finish_reason:
             return
-    # a decoder that ends without a finished event still gets its held-back text out
-    out, stopped = stops.push([(text.flush(), False)])
-    if not stopped:
-        out += stops.flush()
-    yield Piece("".join(t for t, _ in out), out, [], [], [], produced / max(forwards, 1),
-                produced / max(time.perf_counter() - t0, 1e-9), produced,
-                "length" if produced >= max_tokens else "stop", stats)
+    yield pieces.end()
+
+
+class EngineJob:
+    """One completion decoded in the worker's batched engine: its engine request (made when the
+    worker admits it, so that tokens/s counts from there) and its events -> pieces."""
+
+    def __init__(self, tokenizer, prompt: list[int], max_tokens: int, params: SamplingParams,
+                 n_draft: int = 0, stop: list[str] = ()):
+        self.tokenizer, self.prompt, self.max_tokens = tokenizer, prompt, max_tokens
+        self.params, self.n_draft, self.stop = params, n_draft, list(stop)
+        self.pieces: PieceMaker | None = None
+
+    def request(self) -> Request:
+        self.pieces = PieceMaker(self.tokenizer, self.max_tokens, self.stop)
+        return Request(self.prompt, self.max_tokens, self.params, self.tokenizer.eos_id, self.n_draft,
+                       stats=self.pieces.stats)
+
+    def feed(self, event) -> tuple[Piece, bool]:
+        """The event's piece, and whether it is the last (the request leaves the batch)."""
+        piece = self.pieces.feed(event)
+        return piece, piece.finish_reason is not None

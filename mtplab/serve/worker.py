@@ -1,11 +1,21 @@
-"""The model worker: one thread owns the model and steps the requests' decoders in turn.
+"""The model worker: one thread owns the model and decodes every request, many at once.
 
 PyTorch work never runs on the event loop, so a long generation cannot stall other clients (or
 `/health`). Requests wait in a bounded queue; `submit` refuses one beyond the limit at once, which
-the app answers with 429. Up to `max_active` requests decode together, one event (one forward) each
-in round-robin, so a new request's first token comes after at most one forward of every other
-active request rather than after their whole answers. A cancelled request (the client went away or
-pressed stop) is dropped before its next forward, and leaves the queue at once if still waiting.
+the app answers with 429. Up to `max_batch` requests decode together:
+
+- jobs (`submit_job`, a Transformer's requests) are rows of one batched engine
+  (inference/engine.py), made once on the worker thread. The thread runs `engine.step()` while
+  there is work: a request taken from the queue joins the running batch at the next step boundary
+  (its prompt is prefilled in that step while the others decode), every step is one forward for
+  all rows, and a request that finished, reached a stop string or was cancelled leaves at once
+  (its cache row is free before the next forward). If a step fails, every request in the batch
+  gets the error and the next request starts in a fresh engine.
+- decoders (`submit`: an iterator factory, e.g. a Monostep model's batch-1 block decoder) take
+  turns, one event (one forward) each in round-robin.
+
+A cancelled request (the client went away or pressed stop) is dropped before its next forward, and
+leaves the queue at once if still waiting.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import MtplabError
 
@@ -23,7 +33,17 @@ log = logging.getLogger("mtplab.serve")
 
 
 class QueueFull(Exception):
-    """Every one of the worker's `max_active` places is taken and `max_queue` requests wait."""
+    """Every one of the worker's `max_batch` places is taken and `max_queue` requests wait."""
+
+
+class Job(Protocol):
+    """A request for the engine. `request()` (worker thread, once, at admission) returns its
+    `inference.engine.Request`; `feed(event)` turns each of its events into (the item to stream,
+    whether it is the last one)."""
+
+    def request(self) -> Any: ...
+
+    def feed(self, event: Any) -> tuple[Any, bool]: ...
 
 
 _END = object()
@@ -35,15 +55,18 @@ class _Failure:
 
 
 class Ticket:
-    """One request's place in the worker: its decoder factory and the asyncio side of its stream.
+    """One request's place in the worker: its work (a decoder factory or an engine job) and the
+    asyncio side of its stream.
 
-    `start` runs on the worker thread and returns the iterator whose items are streamed; the items
-    cross to the event loop through an asyncio queue."""
+    `start` runs on the worker thread and returns the iterator whose items are streamed; a job's
+    items are what its `feed` makes of the engine's events. The items cross to the event loop
+    through an asyncio queue."""
 
     END = _END  # the item after the last one
 
-    def __init__(self, start: Callable[[], Iterator[Any]], loop: asyncio.AbstractEventLoop):
-        self.start = start
+    def __init__(self, start: Callable[[], Iterator[Any]] | None, loop: asyncio.AbstractEventLoop,
+                 job: Job | None = None):
+        self.start, self.job = start, job
         self.loop = loop
         self.items: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -72,12 +95,16 @@ class Ticket:
 
 
 class Worker:
-    def __init__(self, max_queue: int = 64, max_active: int = 16):
-        if max_queue < 0 or max_active < 1:
-            raise ValueError("max_queue must be >= 0 and max_active >= 1")
-        self.max_queue, self.max_active = max_queue, max_active
+    """`engine`: makes the batched engine (called once, on the worker thread, for the first job)."""
+
+    def __init__(self, max_queue: int = 64, max_batch: int = 16, engine: Callable[[], Any] | None = None):
+        if max_queue < 0 or max_batch < 1:
+            raise ValueError("max_queue must be >= 0 and max_batch >= 1")
+        self.max_queue, self.max_batch = max_queue, max_batch
+        self.make_engine = engine
+        self.engine = None  # worker thread only
         self.waiting: deque[Ticket] = deque()
-        self.active: dict[Ticket, Iterator | None] = {}
+        self.active: dict[Ticket, Any] = {}  # -> its iterator or engine row (None until started)
         self.finished = self.cancelled = 0  # requests done or dropped, for /health and tests
         self._cond = threading.Condition()
         self._stopping = False
@@ -85,10 +112,18 @@ class Worker:
         self._thread.start()
 
     def submit(self, start: Callable[[], Iterator[Any]]) -> Ticket:
-        """Queue a request (call on the event loop); raises QueueFull when every place is taken."""
-        ticket = Ticket(start, asyncio.get_running_loop())
+        """Queue a decoder (call on the event loop); raises QueueFull when every place is taken."""
+        return self._queue(Ticket(start, asyncio.get_running_loop()))
+
+    def submit_job(self, job: Job) -> Ticket:
+        """Queue a request for the batched engine; raises QueueFull when every place is taken."""
+        if self.make_engine is None:
+            raise ValueError("this worker has no engine")
+        return self._queue(Ticket(None, asyncio.get_running_loop(), job))
+
+    def _queue(self, ticket: Ticket) -> Ticket:
         with self._cond:
-            if len(self.waiting) + len(self.active) >= self.max_queue + self.max_active:
+            if len(self.waiting) + len(self.active) >= self.max_queue + self.max_batch:
                 raise QueueFull(f"{len(self.active)} requests are decoding and {len(self.waiting)} "
                                 "are waiting; try again later")
             ticket.worker = self
@@ -126,19 +161,29 @@ class Worker:
                     self._cond.wait()
                 if self._stopping:
                     break
-                while self.waiting and len(self.active) < self.max_active:
-                    self.active[self.waiting.popleft()] = None
-                turn = list(self.active.items())
-            for ticket, iterator in turn:
-                self._step(ticket, iterator)
+                admitted = []
+                while self.waiting and len(self.active) < self.max_batch:
+                    admitted.append(self.waiting.popleft())
+                    self.active[admitted[-1]] = None
+                turn = list(self.active)
+            for ticket in admitted:
+                if ticket.job is not None:
+                    self._admit(ticket)
+            jobs = [t for t in turn if t.job is not None]
+            if jobs or (self.engine is not None and self.engine.busy):
+                self._step_engine(jobs)
+            for ticket in turn:
+                if ticket.job is None and ticket in self.active:
+                    self._step(ticket, self.active[ticket])
         # shutting down: nobody is left waiting for an answer that will not come
         with self._cond:
             left = list(self.active.items()) + [(t, None) for t in self.waiting]
             self.waiting.clear()
-        for ticket, iterator in left:
+        for ticket, work in left:
             ticket._put(_Failure(MtplabError("the server is shutting down")))
-            self._drop(ticket, iterator, "cancelled")
+            self._drop(ticket, work if ticket.job is None else None, "cancelled")
 
+    # -- decoders, in turn ------------------------------------------------------------------------
     def _step(self, ticket: Ticket, iterator: Iterator | None) -> None:
         if ticket.cancelled.is_set():
             self._drop(ticket, iterator, "finished" if ticket.completed else "cancelled")
@@ -151,9 +196,70 @@ class Worker:
             ticket._put(_END)
             self._drop(ticket, None, "finished")
         except Exception as exc:  # reported to the request's client; the worker keeps serving
-            if not isinstance(exc, MtplabError):
-                log.exception("decoding failed")
-            ticket._put(_Failure(exc))
+            self._fail(ticket, exc)
             self._drop(ticket, iterator, "finished")
         else:
             ticket._put(item)
+
+    def _fail(self, ticket: Ticket, exc: Exception) -> None:
+        if not isinstance(exc, MtplabError):
+            log.exception("decoding failed", exc_info=exc)
+        ticket._put(_Failure(exc))
+
+    # -- jobs, one batch ----------------------------------------------------------------------------
+    def _admit(self, ticket: Ticket) -> None:
+        """Into the engine's queue: it prefills at the next step, alongside the decoding rows."""
+        try:
+            if self.engine is None:
+                self.engine = self.make_engine()
+            row = self.engine.submit(ticket.job.request())
+        except Exception as exc:  # this request's own problem
+            self._fail(ticket, exc)
+            self._drop(ticket, None, "finished")
+            return
+        with self._cond:
+            self.active[ticket] = row
+
+    def _step_engine(self, tickets: list[Ticket]) -> None:
+        engine = self.engine
+        live = {}  # row -> ticket
+        for ticket in tickets:
+            row = self.active.get(ticket)
+            if row is None:  # it failed at admission
+                continue
+            if ticket.cancelled.is_set():
+                engine.cancel(row)  # its row is freed as the step begins
+                self._drop(ticket, None, "finished" if ticket.completed else "cancelled")
+            else:
+                live[row] = ticket
+        try:
+            events = engine.step()  # with nobody left, this only frees the cancelled rows
+        except Exception as exc:  # the batch's state is unknown: fail its requests, start afresh
+            log.exception("a batched decoding step failed; failing its %d requests", len(live))
+            for ticket in live.values():
+                ticket._put(_Failure(exc))
+                self._drop(ticket, None, "finished")
+            self.engine = None
+            return
+        for row, event in events:
+            ticket = live.get(row)
+            if ticket is None:
+                continue
+            try:
+                item, last = ticket.job.feed(event)
+            except Exception as exc:
+                engine.cancel(row)
+                self._fail(ticket, exc)
+                self._drop(ticket, None, "finished")
+                del live[row]
+                continue
+            ticket._put(item)
+            if last or row.done:
+                if not row.done:
+                    engine.cancel(row)  # a stop string: the row frees before the next forward
+                elif not last:
+                    ticket._put(_END)
+                self._drop(ticket, None, "finished")
+                del live[row]
+        if not live and engine.busy:
+            engine.step()  # nobody left: free the stopped rows now, not when the next request comes

@@ -126,7 +126,7 @@ def test_api_key_guards_every_route_but_health(serve_app):
 
 def test_queue_limit_answers_429_and_a_cancel_frees_the_place(serve_app, slow_decode):
     slow = slow_decode(delay=0.05)
-    server = serve_app(max_active=1, max_queue=1, decode_fn=slow)
+    server = serve_app(max_batch=1, max_queue=1, decode_fn=slow)
     body = {"model": "tiny", "prompt": "Ava has", "max_tokens": 100, "stream": True}
     with httpx.Client(timeout=30) as h, h.stream("POST", server.url + "/v1/completions", json=body) as first:
         lines = first.iter_lines()  # kept: an abandoned iterator would close the connection

@@ -40,7 +40,7 @@ def test_active_requests_take_turns():
         return start
 
     async def main():
-        worker = Worker(max_queue=4, max_active=3)
+        worker = Worker(max_queue=4, max_batch=3)
         inside, gate = threading.Event(), threading.Event()
         blocker = worker.submit(held(inside, gate))  # holds the worker until both are queued
         await asyncio.to_thread(inside.wait, 10)
@@ -58,7 +58,7 @@ def test_active_requests_take_turns():
 
 def test_queue_limit_and_a_cancelled_waiter_frees_its_place():
     async def main():
-        worker = Worker(max_queue=1, max_active=1)
+        worker = Worker(max_queue=1, max_batch=1)
         inside, gate = threading.Event(), threading.Event()
         running = worker.submit(held(inside, gate))
         await asyncio.to_thread(inside.wait, 10)
@@ -120,7 +120,7 @@ def test_a_failing_request_reports_its_error_and_the_worker_goes_on():
 
 def test_stopping_fails_the_requests_left():
     async def main():
-        worker = Worker(max_queue=2, max_active=1)
+        worker = Worker(max_queue=2, max_batch=1)
         endless = worker.submit(lambda: itertools.repeat("x"))
         assert await endless.get() == "x"
         waiting = worker.submit(lambda: iter(["never"]))
