@@ -34,8 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt")
+    which.add_argument("--prompts", metavar="FILE",
+                       help="many prompts, decoded in batches: a text file (one prompt per line) or a "
+                            "jsonl ({\"question\": ...} in the chat template, or {\"prompt\": ...}); "
+                            "writes one jsonl row per prompt: prompt, text, tokens, tau")
+    p.add_argument("--batch-size", type=int, default=16, help="--prompts: rows decoded together")
+    p.add_argument("--out", default=None, metavar="FILE.jsonl", help="--prompts: write the rows here "
+                                                                     "(default: stdout)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt(s) in the chat template")
     p.add_argument("--device", default="cpu")
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
                    help="draft with the extra heads, verify with head 0 (default: on with >1 head)")
@@ -67,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap text-file prompts in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--n-draft", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="also decode the prompts N rows at a time, plain and speculative (throughput)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("eval", help="score a checkpoint: GSM8K exact match, loss per head, perplexity")
@@ -75,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="jsonl (question/answer) or, for loss/ppl, a text file")
     p.add_argument("--limit", type=int, default=None, help="first N examples only")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="gsm8k: questions decoded together (the answers do not depend on it)")
     p.add_argument("--out", default=None, help="gsm8k: per-example jsonl (default CHECKPOINT/eval_gsm8k.jsonl)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -150,14 +162,90 @@ def cmd_train(args) -> None:
           f"checkpoint: {result.out_dir}")
 
 
+def check_batch_size(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise MtplabError(f"--batch-size must be >= 1, got {value}")
+
+
+def load_prompt_file(path: str, tokenizer, chat: bool) -> tuple[list[str], list[list[int]]]:
+    """`generate --prompts`: the prompts of a text file (one per non-blank line; `chat` wraps them
+    in the template) or a jsonl file (`question`: chat template; `prompt`: as `chat` says), as
+    texts and token ids. Errors name the file, and the line where there is one."""
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise MtplabError(f"prompts file not found: {path}")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise MtplabError(f"{path}: not UTF-8 text") from None
+    texts, ids = [], []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not path.endswith(".jsonl"):
+            texts.append(line)
+            ids.append(tokenizer.encode(tokenizer.chat_prompt(line) if chat else line))
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MtplabError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        key = next((k for k in ("question", "prompt") if isinstance(row, dict) and k in row), None)
+        if key is None or not isinstance(row[key], str) or not row[key].strip():
+            raise MtplabError(f'{path}:{lineno}: expected a non-empty string field "question" or "prompt"')
+        text = row[key]
+        texts.append(text)
+        ids.append(tokenizer.encode(tokenizer.chat_prompt(text) if key == "question" or chat else text))
+    if not texts:
+        raise MtplabError(f"{path}: no prompts")
+    return texts, ids
+
+
+def generate_many(args, model, tokenizer, params) -> None:
+    """`generate --prompts`: one jsonl row per prompt, in input order, to stdout or --out."""
+    import json
+    import time
+    from pathlib import Path
+
+    from .inference.decode import decode_batch
+    from .interop.atomic import atomic_write_text
+
+    texts, ids = load_prompt_file(args.prompts, tokenizer, args.chat)
+    t0 = time.perf_counter()
+    rows, tokens, forwards = [], 0, 0
+    for c in decode_batch(model, ids, args.max_new_tokens, params, tokenizer.eos_id, args.batch_size,
+                          args.speculative, args.n_draft, tokenizer, progress=True, desc="generating"):
+        line = json.dumps({"prompt": texts[c.index], "text": c.text, "tokens": c.tokens,
+                           "tau": round(c.tau, 4)})
+        tokens, forwards = tokens + c.tokens, forwards + c.stats.forwards
+        if args.out is None:
+            print(line, flush=True)
+        else:
+            rows.append(line + "\n")
+    if args.out is not None:
+        atomic_write_text(Path(args.out), "".join(rows))
+        seconds = time.perf_counter() - t0
+        print(f"wrote {len(rows)} rows to {args.out}: {tokens} tokens in {seconds:.1f} s "
+              f"({tokens / max(seconds, 1e-9):.1f} tokens/s, batch {args.batch_size}), "
+              f"{tokens / max(forwards, 1):.2f} tokens/forward")
+
+
 def cmd_generate(args) -> None:
     from .inference.decode import TextDecoder, decode
     from .inference.sampling import SamplingParams
     from .inference.speculative import SpeculativeStats
     from .interop.checkpoint import load_model
 
-    model, tokenizer = load_model(args.checkpoint, args.device)
+    check_batch_size(args.batch_size)
+    if args.out is not None and args.prompts is None:
+        raise MtplabError("--out goes with --prompts (a single --prompt prints its text)")
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    model, tokenizer = load_model(args.checkpoint, args.device)
+    if args.prompts is not None:
+        return generate_many(args, model, tokenizer, params)
     text = tokenizer.chat_prompt(args.prompt) if args.chat else args.prompt
     stats = SpeculativeStats()
     mark = ("\033[32;4m", "\033[0m") if sys.stdout.isatty() else ("[", "]")
@@ -220,6 +308,7 @@ def cmd_bench(args) -> None:
     from .evaluation.speed import bench_decoding, format_bench
     from .interop.checkpoint import load_model
 
+    check_batch_size(args.batch_size)
     model, tokenizer = load_model(args.checkpoint)
     if model.config.arch == "monostep":
         raise MtplabError(f"{args.checkpoint} is a Monostep model: it decodes in blocks, with nothing "
@@ -227,7 +316,8 @@ def cmd_bench(args) -> None:
     if model.n_future < 2:
         raise MtplabError(f"{args.checkpoint} has one head: nothing to draft with")
     prompts = read_prompts(args.prompts, tokenizer, args.chat)
-    result = bench_decoding(model, prompts, args.max_new_tokens, tokenizer.eos_id, args.n_draft)
+    result = bench_decoding(model, prompts, args.max_new_tokens, tokenizer.eos_id, args.n_draft,
+                            args.batch_size)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
     else:
@@ -241,10 +331,11 @@ def cmd_eval(args) -> None:
     from .evaluation.tasks import evaluate_task
     from .interop.checkpoint import load_model
 
+    check_batch_size(args.batch_size)
     model, tokenizer = load_model(args.checkpoint)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval_gsm8k.jsonl"
     result, summary = evaluate_task(model, tokenizer, args.task, args.data, args.limit,
-                                    args.max_new_tokens, out, progress=True)
+                                    args.max_new_tokens, out, progress=True, batch_size=args.batch_size)
     print(json.dumps(result) if args.json else summary)
 
 

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from mtplab.cli import main
 from tests.conftest import TINY
 
@@ -173,3 +175,90 @@ def test_eval_on_gsm8k_test_split(capsys, tiny_run, tmp_path):
     code, text, _ = run_cli(capsys, "eval", str(out), "--task", "gsm8k", "--data", str(data), "--limit", "2",
                             "--max-new-tokens", "16", "--out", str(tmp_path / "g.jsonl"))
     assert code == 0 and "of 2" in text
+
+
+# -- batched: generate --prompts, eval --batch-size, bench's columns ---------------------------------
+
+def test_generate_prompts_from_text_and_jsonl_writes_rows(capsys, tiny_run, tmp_path):
+    import json
+
+    out, _ = tiny_run
+    questions = [QUESTION, "Ben has 5 pens.", "How many pens does Ben have now if he buys 3 more pens?"]
+    text_file = tmp_path / "p.txt"
+    text_file.write_text(questions[0] + "\n\n" + "\n".join(questions[1:]) + "\n")  # blank lines skipped
+    code, stdout, _ = run_cli(capsys, "generate", str(out), "--prompts", str(text_file), "--chat",
+                              "--batch-size", "2", "--max-new-tokens", "24")
+    assert code == 0
+    rows = [json.loads(l) for l in stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == questions
+    for q, r in zip(questions, rows):  # each row is what the single-prompt command prints
+        code, alone, _ = run_cli(capsys, "generate", str(out), "--chat", "--prompt", q, "--max-new-tokens", "24")
+        assert alone == r["text"] + "\n"
+        assert 1 <= r["tokens"] <= 24 and 1.0 <= r["tau"] <= 2.0  # one extra head: <= 2 per forward
+    jsonl = tmp_path / "q.jsonl"  # "question" rows are chat-wrapped, like eval's
+    jsonl.write_text("".join(json.dumps({"question": q, "answer": "#### 1"}) + "\n" for q in questions))
+    dest = tmp_path / "rows.jsonl"
+    code, stdout, _ = run_cli(capsys, "generate", str(out), "--prompts", str(jsonl), "--out", str(dest),
+                              "--max-new-tokens", "24", "--batch-size", "3", "--no-speculative")
+    assert code == 0 and "wrote 3 rows" in stdout
+    plain = [json.loads(l) for l in dest.read_text().splitlines()]
+    assert [{**r, "tau": 0} for r in plain] == [{**r, "tau": 0} for r in rows]
+    assert all(r["tau"] <= 1.0 for r in plain)  # plain: one token per forward (eos takes one too)
+
+
+def test_generate_prompts_bad_input(capsys, tiny_run, tmp_path):
+    out, _ = tiny_run
+    good = tmp_path / "good.txt"
+    good.write_text("Ava has\n")
+    code, _, err = run_cli(capsys, "generate", str(out), "--prompts", str(good), "--batch-size", "0")
+    assert_one_line_error(code, err, "--batch-size must be >= 1")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    code, _, err = run_cli(capsys, "generate", str(out), "--prompts", str(empty))
+    assert_one_line_error(code, err, "empty.txt: no prompts")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Ava has 3 apples."}\n\n{"question": "oops"\n')
+    code, _, err = run_cli(capsys, "generate", str(out), "--prompts", str(bad))
+    assert_one_line_error(code, err, "bad.jsonl:3: not valid JSON")
+    bad.write_text('{"prompt": "Ava has"}\n{"text": "no field"}\n')
+    code, _, err = run_cli(capsys, "generate", str(out), "--prompts", str(bad))
+    assert_one_line_error(code, err, 'bad.jsonl:2: expected a non-empty string field "question" or "prompt"')
+    code, _, err = run_cli(capsys, "generate", str(out), "--prompts", str(tmp_path / "none.txt"))
+    assert_one_line_error(code, err, "prompts file not found")
+    for verb in (["eval", str(out), "--task", "gsm8k", "--data", str(bad)], ["bench", str(out)]):
+        code, _, err = run_cli(capsys, *verb, "--batch-size", "0")
+        assert_one_line_error(code, err, "--batch-size must be >= 1")
+
+
+def test_eval_batched_gives_the_per_example_outputs_of_batch_1(capsys, tiny_run, tmp_path):
+    import json
+
+    out, _ = tiny_run
+    data = write_qa(tmp_path / "qa.jsonl", 6)
+    rows = {}
+    for batch in ("1", "4"):
+        dest = tmp_path / f"rows{batch}.jsonl"
+        code, text, err = run_cli(capsys, "eval", str(out), "--task", "gsm8k", "--data", str(data),
+                                  "--max-new-tokens", "32", "--batch-size", batch, "--out", str(dest))
+        assert code == 0 and "of 6" in text and "answering" in err  # the progress bar
+        rows[batch] = [json.loads(l) for l in dest.read_text().splitlines()]
+    assert len(rows["1"]) == 6 and rows["1"] == rows["4"]
+
+
+def test_bench_prints_tau_speedup_and_their_ratio_and_batched_throughput(capsys, tiny_run, tmp_path):
+    import json
+
+    out, _ = tiny_run
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Ava has 3 apples.\nBen has 12 pens and buys 4 more.\nCal has\n")
+    code, text, _ = run_cli(capsys, "bench", str(out), "--prompts", str(prompts), "--max-new-tokens", "12",
+                            "--batch-size", "3", "--json")
+    result = json.loads(text)
+    assert code == 0 and result["identical"] and result["batched"]["identical"]
+    assert result["speedup_per_tau"] == pytest.approx(result["speedup"] / result["tokens_per_forward"])
+    assert result["batched"]["batch_size"] == 3 and result["batched"]["plain_tokens_per_s"] > 0
+    code, table, _ = run_cli(capsys, "bench", str(out), "--prompts", str(prompts), "--max-new-tokens", "8",
+                             "--batch-size", "2")
+    header = table.splitlines()[0].split()
+    assert code == 0 and header[-4:] == ["speed-up", "tau", "up/tau", "same"]
+    assert "batch 2: plain" in table and "same tokens as batch 1: true" in table

@@ -38,16 +38,18 @@ def is_correct(prediction: str, reference: str) -> bool:
 
 
 def evaluate_answers(model, tokenizer, examples: list[dict], max_new_tokens: int = 128,
-                     progress: bool = False) -> dict:
-    """Greedy answers to `examples` (question/answer dicts); accuracy overall and by `steps`
-    when the examples carry it, plus one row per example."""
-    from tqdm.auto import tqdm
-
-    from ..inference.decode import generate
+                     progress: bool = False, batch_size: int = 16) -> dict:
+    """Greedy answers to `examples` (question/answer dicts), `batch_size` questions decoded
+    together (each answer is the one it gets alone); accuracy overall and by `steps` when the
+    examples carry it, plus one row per example."""
+    from ..inference.decode import decode_many
 
     rows = []
-    for ex in tqdm(examples, desc="answering", disable=not progress, unit="q", dynamic_ncols=True):
-        output = generate(model, tokenizer, ex["question"], chat=True, max_new_tokens=max_new_tokens)
+    answers = decode_many(model, tokenizer, [ex["question"] for ex in examples], chat=True,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                          desc="answering")
+    for ex, answer in zip(examples, answers):
+        output = answer.text
         rows.append({"question": ex["question"], "reference": ex["answer"], "output": output,
                      "prediction": extract_answer(output), "target": extract_answer(ex["answer"]),
                      "correct": is_correct(output, ex["answer"]), "steps": ex.get("steps")})

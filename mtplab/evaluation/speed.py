@@ -4,18 +4,39 @@ from __future__ import annotations
 
 import time
 
-from ..inference.generate import generate_ids
-from ..inference.speculative import SpeculativeStats, generate_speculative
+from ..inference.decode import decode_batch
+from ..inference.generate import generate_ids, generate_speculative
+from ..inference.speculative import SpeculativeStats
 from ..models.transformer import Transformer
 
 
+def bench_batched(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 128,
+                  eos_id: int | None = None, n_draft: int | None = None, batch_size: int = 16) -> dict:
+    """Greedy decoding of all `prompts`, `batch_size` rows at a time, plain then speculative:
+    aggregate tokens/s (prefill included), tau, and each prompt's tokens."""
+    out = {"batch_size": batch_size}
+    for name, speculative in (("plain", False), ("speculative", True)):
+        t0 = time.perf_counter()
+        done = list(decode_batch(model, prompts, max_new_tokens, eos_id=eos_id, batch_size=batch_size,
+                                 speculative=speculative, n_draft=n_draft))
+        seconds = time.perf_counter() - t0
+        tokens = sum(c.tokens for c in done)
+        out[f"{name}_tokens_per_s"] = tokens / max(seconds, 1e-9)
+        out[f"{name}_tokens_per_forward"] = tokens / max(sum(c.stats.forwards for c in done), 1)
+        out[f"{name}_ids"] = [c.ids for c in done]
+    return out
+
+
 def bench_decoding(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 128,
-                   eos_id: int | None = None, n_draft: int | None = None) -> dict:
-    """Greedy plain vs speculative decoding of each prompt, alternating, after one warm-up of each."""
+                   eos_id: int | None = None, n_draft: int | None = None,
+                   batch_size: int | None = None) -> dict:
+    """Greedy plain vs speculative decoding of each prompt, alternating, after one warm-up of each;
+    tau (tokens per forward), the speed-up and their ratio (how much of tau becomes speed). With
+    `batch_size`, the prompts are also decoded that many rows at a time, plain and speculative."""
     generate_ids(model, prompts[0], 8, eos_id=eos_id)
     list(generate_speculative(model, prompts[0], 8, eos_id=eos_id, n_draft=n_draft))
     stats = SpeculativeStats()
-    rows, plain_s, plain_tokens, identical = [], 0.0, 0, True
+    rows, plain_s, plain_tokens, identical, plain_ids = [], 0.0, 0, True, []
     for prompt in prompts:
         t0 = time.perf_counter()
         plain = generate_ids(model, prompt, max_new_tokens, eos_id=eos_id)
@@ -30,27 +51,47 @@ def bench_decoding(model: Transformer, prompts: list[list[int]], max_new_tokens:
         rows.append({"tokens": len(plain), "plain_tokens_per_s": len(plain) / (t1 - t0),
                      "speculative_tokens_per_s": len(spec) / max(spec_s, 1e-9),
                      "tokens_per_forward": len(spec) / max(forwards, 1), "identical": plain == spec})
+        plain_ids.append(plain)
     plain_rate = plain_tokens / max(plain_s, 1e-9)
-    return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "heads": model.n_future,
-            "plain_tokens_per_s": plain_rate, "speculative_tokens_per_s": stats.tokens_per_second,
-            "speedup": stats.tokens_per_second / max(plain_rate, 1e-9),
-            "tokens_per_forward": stats.tokens_per_forward,
-            "acceptance_by_position": stats.acceptance_by_position,
-            "identical": bool(identical), "rows": rows}
+    speedup = stats.tokens_per_second / max(plain_rate, 1e-9)
+    result = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "heads": model.n_future,
+              "plain_tokens_per_s": plain_rate, "speculative_tokens_per_s": stats.tokens_per_second,
+              "speedup": speedup, "tokens_per_forward": stats.tokens_per_forward,
+              "speedup_per_tau": speedup / max(stats.tokens_per_forward, 1e-9),
+              "acceptance_by_position": stats.acceptance_by_position,
+              "identical": bool(identical), "rows": rows}
+    if batch_size is not None:
+        b = bench_batched(model, prompts, max_new_tokens, eos_id, n_draft, batch_size)
+        same = [b.pop("plain_ids"), b.pop("speculative_ids")] == [plain_ids, plain_ids]
+        result["batched"] = {**b, "plain_vs_batch1_plain": b["plain_tokens_per_s"] / max(plain_rate, 1e-9),
+                             "speculative_vs_batch1_plain":
+                                 b["speculative_tokens_per_s"] / max(plain_rate, 1e-9),
+                             "identical": bool(same)}
+    return result
 
 
 def format_bench(result: dict) -> str:
+    """The table: per prompt and overall, tokens/s plain and speculative, the speed-up, tau and
+    speed-up / tau; then the acceptance by draft position (and the batched line, when measured)."""
     lines = [f"{'prompt':>6} {'tokens':>6} {'plain tok/s':>11} {'spec tok/s':>10} {'speed-up':>8} "
-             f"{'tau':>5} {'same':>5}"]
+             f"{'tau':>5} {'up/tau':>6} {'same':>5}"]
     for i, r in enumerate(result["rows"]):
+        up = r['speculative_tokens_per_s'] / max(r['plain_tokens_per_s'], 1e-9)
         lines.append(f"{i:>6} {r['tokens']:>6} {r['plain_tokens_per_s']:>11.1f} "
-                     f"{r['speculative_tokens_per_s']:>10.1f} "
-                     f"{r['speculative_tokens_per_s'] / max(r['plain_tokens_per_s'], 1e-9):>7.2f}x "
-                     f"{r['tokens_per_forward']:>5.2f} {str(r['identical']).lower():>5}")
+                     f"{r['speculative_tokens_per_s']:>10.1f} {up:>7.2f}x "
+                     f"{r['tokens_per_forward']:>5.2f} {up / max(r['tokens_per_forward'], 1e-9):>6.2f} "
+                     f"{str(r['identical']).lower():>5}")
     acc = " ".join(f"{a:.2f}" for a in result["acceptance_by_position"])
     lines.append(f"{'all':>6} {sum(r['tokens'] for r in result['rows']):>6} "
                  f"{result['plain_tokens_per_s']:>11.1f} {result['speculative_tokens_per_s']:>10.1f} "
                  f"{result['speedup']:>7.2f}x {result['tokens_per_forward']:>5.2f} "
-                 f"{str(result['identical']).lower():>5}")
+                 f"{result['speedup_per_tau']:>6.2f} {str(result['identical']).lower():>5}")
     lines.append(f"acceptance by draft position: {acc}")
+    b = result.get("batched")
+    if b:
+        lines.append(f"batch {b['batch_size']}: plain {b['plain_tokens_per_s']:.1f} tok/s "
+                     f"({b['plain_vs_batch1_plain']:.2f}x batch-1 plain), speculative "
+                     f"{b['speculative_tokens_per_s']:.1f} tok/s ({b['speculative_vs_batch1_plain']:.2f}x, "
+                     f"tau {b['speculative_tokens_per_forward']:.2f}); same tokens as batch 1: "
+                     f"{str(b['identical']).lower()}")
     return "\n".join(lines)

@@ -7,15 +7,17 @@ the output (see speculative.py), only how many tokens each forward pass yields. 
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 from ..errors import MtplabError
 from ..models.monostep import Monostep
 from ..models.transformer import Transformer
 from .blocks import generate_blocks
-from .generate import Event, generate_plain
+from .engine import Engine, Request, Row
+from .generate import Event, generate_plain, generate_speculative
 from .sampling import SamplingParams
-from .speculative import SpeculativeStats, generate_speculative
+from .speculative import SpeculativeStats
 
 
 def decode(model: Transformer, prompt: list[int], max_new_tokens: int = 128,
@@ -75,3 +77,113 @@ def generate(model: Transformer, tokenizer, prompt: str, chat: bool = False, max
     params = SamplingParams(temperature, top_k, top_p, seed)
     return "".join(delta for delta, _ in stream(model, tokenizer, prompt, chat, max_new_tokens, params,
                                                 speculative, n_draft))
+
+
+@dataclass
+class Completion:
+    """One prompt's result from `decode_batch` / `decode_many`."""
+
+    index: int  # the prompt's position in the input
+    prompt_ids: list[int]
+    ids: list[int]  # the new tokens (eos not included)
+    stats: SpeculativeStats  # forwards (the prompt's included) and tokens of this prompt alone
+    text: str | None = None  # the new tokens as text (when a tokenizer was given)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def tau(self) -> float:
+        """Tokens per forward: 1 for plain decoding (less when eos ends it), more when drafts pass."""
+        return self.stats.tokens_per_forward
+
+
+def decode_batch(model: Transformer, prompts: Sequence[list[int]], max_new_tokens: int = 128,
+                 params: SamplingParams = SamplingParams(), eos_id: int | None = None,
+                 batch_size: int = 16, speculative: bool | None = None, n_draft: int | None = None,
+                 tokenizer=None, progress: bool = False, desc: str = "decoding") -> Iterator[Completion]:
+    """Decode many token-id prompts, up to `batch_size` rows at a time in one engine; yields the
+    completions in input order. Each row decodes exactly as it would alone (greedy: the same
+    tokens; sampling with a seed: the same draws, every prompt from its own generator seeded the
+    same way). A Monostep model decodes its prompts one after another (its block decoder is batch 1)."""
+    if batch_size < 1:
+        raise MtplabError(f"batch size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise MtplabError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts = [list(p) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise MtplabError(f"prompt {i + 1} is empty")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
+    try:
+        if isinstance(model, Monostep):
+            for i, p in enumerate(prompts):
+                stats, decoder, ids = SpeculativeStats(), TextDecoder(tokenizer) if tokenizer else None, []
+                for event in decode(model, p, max_new_tokens, params, eos_id, speculative, n_draft):
+                    stats.forwards += 1
+                    stats.tokens += len(event.tokens)
+                    ids += event.tokens
+                    if decoder:
+                        decoder.feed(event.tokens)
+                bar.update()
+                yield Completion(i, p, ids, stats, _finish(decoder))
+            return
+        yield from _engine_batches(model, prompts, max_new_tokens, params, eos_id, batch_size,
+                                   speculative, n_draft, tokenizer, bar)
+    finally:
+        bar.close()
+
+
+def _engine_batches(model, prompts, max_new_tokens, params, eos_id, batch_size, speculative, n_draft,
+                    tokenizer, bar) -> Iterator[Completion]:
+    if speculative is None:
+        speculative = model.n_future > 1
+    most = model.n_future - 1
+    n_draft = (most if n_draft is None else n_draft) if speculative else 0
+    # the cache is allocated for max_batch rows: no more than there are prompts
+    engine = Engine(model, max_batch=max(1, min(batch_size, len(prompts))), n_draft=n_draft)
+    rows: dict[int, tuple[int, Row, TextDecoder | None, list[int]]] = {}  # id(row) -> ...
+    done: dict[int, Completion] = {}
+    submitted = emitted = 0
+    while emitted < len(prompts):
+        # keep the engine's free rows supplied, no more (a row's state is made when it is submitted)
+        active = sum(not r.done for r in engine.rows) + len(engine.waiting)
+        while submitted < len(prompts) and active < batch_size:
+            row = engine.submit(Request(prompts[submitted], max_new_tokens, params, eos_id, n_draft))
+            rows[id(row)] = (submitted, row, TextDecoder(tokenizer) if tokenizer else None, [])
+            submitted, active = submitted + 1, active + 1
+        for row, event in engine.step():
+            index, _, decoder, ids = rows[id(row)]
+            ids += event.tokens
+            if decoder:
+                decoder.feed(event.tokens)
+            if row.done:
+                del rows[id(row)]
+                done[index] = Completion(index, prompts[index], ids, row.stats, _finish(decoder))
+                bar.update()
+        while emitted in done:
+            yield done.pop(emitted)
+            emitted += 1
+
+
+def _finish(decoder: TextDecoder | None) -> str | None:
+    if decoder is None:
+        return None
+    decoder.flush()
+    return decoder.text
+
+
+def decode_many(model: Transformer, tokenizer, prompts: Sequence[str | list[int]], chat: bool = False,
+                max_new_tokens: int = 128, params: SamplingParams = SamplingParams(),
+                batch_size: int = 16, speculative: bool | None = None, n_draft: int | None = None,
+                progress: bool = False, desc: str = "decoding") -> Iterator[Completion]:
+    """Text (or token-id) prompts decoded `batch_size` at a time; completions, with their text, in
+    input order. `chat` wraps text prompts in the tokenizer's template. Each text equals what
+    `generate` gives for that prompt alone."""
+    ids = [p if not isinstance(p, str) else tokenizer.encode(tokenizer.chat_prompt(p) if chat else p)
+           for p in prompts]
+    return decode_batch(model, ids, max_new_tokens, params, tokenizer.eos_id, batch_size, speculative,
+                        n_draft, tokenizer, progress, desc)
