@@ -11,7 +11,8 @@ top-k, top-p, exactly as plain sampling applies them): accept draft x with min(1
 q is the head's distribution it was drawn from; on rejection draw from norm(max(0, p - q)) and stop.
 Greedy decoding is the one-hot limit: accept iff x = argmax p. Output is therefore token-for-token
 plain greedy decoding, or exactly head 0's distribution when sampling. The KV cache rolls back to
-the accepted length after each step.
+the accepted length after each step. The engine (engine.py) runs these steps for many rows at once;
+this module holds what one row needs: the rule, its statistics, the DeepSeek depths' drafter.
 
 Drafts: parallel and Medusa heads read the trunk at the last accepted position (all computed in the
 same pass);
@@ -21,17 +22,13 @@ the token drafted by depth k-1, each with its own KV cache.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
-from ..errors import MtplabError
 from ..models.kv_cache import KVCache
 from ..models.transformer import Transformer
-from .generate import Event, fit_prompt
-from .sampling import SamplingParams, next_token_probs
+from .sampling import next_token_probs
 
 
 class Randomness:
@@ -88,53 +85,24 @@ class SpeculativeStats:
                 "tokens_per_s": self.tokens_per_second}
 
 
-class ParallelDrafter:
-    """Heads 1..m read the trunk output; every head's block shares the trunk's cache in lockstep."""
-
-    def __init__(self, model: Transformer, cache: KVCache, n_draft: int):
-        self.model, self.cache, self.n_heads = model, cache, 1 + n_draft
-
-    def forward(self, inputs: list[int]) -> torch.Tensor:
-        ids = torch.tensor([inputs], device=self.model.device)
-        self.start = self.cache.length
-        self.hidden = self.model.hidden_states(ids, self.cache, self.n_heads)  # each [1, n, D]
-        return self.model.logits(self.hidden[0][0])  # [n, V]
-
-    def commit(self, n_keep: int, tokens: list[int]) -> None:
-        self.cache.rollback(self.start + n_keep)
-        self.pos = n_keep - 1
-
-    def draft_logits(self, k: int, drafts: list[int]) -> torch.Tensor:
-        if not self.model.heads.shared_unembedding:  # Medusa: a projection per head
-            return self.model.head_logits(k, self.hidden[k][0, self.pos])
-        if k == 1:  # every head's draft in one unembedding call
-            rows = torch.stack([h[0, self.pos] for h in self.hidden[1:]])  # [n_draft, D]
-            self.drafts = self.model.logits(rows)
-        return self.drafts[k - 1]
-
-
 class SequentialDrafter:
-    """Depth k at position t needs h^{k-1}_t and token t+k. Positions whose token t+k is already
-    accepted are kept (in `history` and the depth's cache); later ones use drafts and are redone."""
+    """One row's DeepSeek depths. Depth k at position t needs h^{k-1}_t and token t+k. Positions
+    whose token t+k is already accepted are kept (in `history` and the depth's own cache); later
+    ones use drafts and are redone at the next step."""
 
-    def __init__(self, model: Transformer, cache: KVCache, n_draft: int):
-        self.model, self.cache = model, cache
+    def __init__(self, model: Transformer, n_draft: int, max_len: int):
+        self.model = model
         c = model.config
-        self.caches = [KVCache(1, 1, c.kv_heads, cache.max_len, c.head_dim, model.device,
-                               cache.k.dtype) for _ in range(n_draft)]
+        self.caches = [KVCache(1, 1, c.kv_heads, max_len, c.head_dim, model.device,
+                               model.wte.weight.dtype) for _ in range(n_draft)]
         self.history: list[torch.Tensor | None] = [None] * (n_draft + 1)  # kept hidden per depth
         self.out: torch.Tensor | None = None
 
-    def forward(self, inputs: list[int]) -> torch.Tensor:
-        ids = torch.tensor([inputs], device=self.model.device)
-        self.start = self.cache.length
-        self.new_h0 = self.model.hidden_states(ids, self.cache, 1)[0]  # [1, n, D]
-        return self.model.logits(self.new_h0[0])
-
-    def commit(self, n_keep: int, tokens: list[int]) -> None:
-        self.cache.rollback(self.start + n_keep)
-        self.history[0] = _append(self.history[0], self.new_h0[:, :n_keep])
-        self.tokens = tokens  # every accepted token, the pending one included
+    def accept(self, trunk: torch.Tensor, tokens: list[int]) -> None:
+        """trunk [1, n, D]: head 0's states at the newly accepted positions; tokens: every
+        accepted token, the pending one included."""
+        self.history[0] = _append(self.history[0], trunk)
+        self.tokens = tokens
         self.out = None
 
     def draft_logits(self, k: int, drafts: list[int]) -> torch.Tensor:
@@ -155,89 +123,29 @@ class SequentialDrafter:
         return self.model.logits(out[0, -1])
 
 
+def verify_row(row, head0: torch.Tensor, greedy: list[int]) -> tuple[list[int], list[bool]]:
+    """One row's step: its drafts checked in order against head 0 (head0 [T, V], greedy its
+    argmax per position), up to the first rejection; when all pass, head 0's bonus token.
+    The new tokens and, per token, whether it was an accepted draft."""
+    new, flags = [], []
+    for i, d in enumerate(row.drafts):
+        row.stats.proposed[i] += 1
+        if row.params.greedy:
+            ok, t = greedy[i] == d, greedy[i]
+        else:
+            ok, t = verify(next_token_probs(head0[i], row.params), row.qs[i], d, row.chance)
+        new.append(t)
+        flags.append(ok)
+        if not ok:
+            return new, flags
+        row.stats.accepted[i] += 1
+    bonus, _ = row.pick(head0[len(row.drafts)], greedy[len(row.drafts)])
+    return new + [bonus], flags + [False]
+
+
 def _append(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=1)
 
 
 def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, b], dim=1) if a.size(1) else b
-
-
-@torch.no_grad()
-def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: int = 128,
-                         params: SamplingParams = SamplingParams(), eos_id: int | None = None,
-                         n_draft: int | None = None, chance: Randomness | None = None,
-                         stats: SpeculativeStats | None = None) -> Iterator[Event]:
-    """Decode with drafts from heads 1..n_draft, verified by head 0. Yields one event per forward."""
-    most = model.n_future - 1
-    n_draft = most if n_draft is None else n_draft
-    if not 0 <= n_draft <= most:
-        raise MtplabError(f"n_draft must be between 0 and {most} (the model has {model.n_future} heads)")
-    prompt, max_new_tokens = fit_prompt(model, prompt, max_new_tokens)
-    chance = chance or Randomness(params.generator(model.device))
-    stats = stats if stats is not None else SpeculativeStats()
-    stats.proposed = stats.proposed or [0] * n_draft
-    stats.accepted = stats.accepted or [0] * n_draft
-    cache = model.new_cache(1, len(prompt) + max_new_tokens)
-    drafter = (SequentialDrafter if model.heads.chained else ParallelDrafter)(model, cache, n_draft)
-    t0 = time.perf_counter()
-
-    def pick(logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        if params.greedy:
-            return int(logits.argmax()), None
-        probs = next_token_probs(logits, params)
-        return chance.draw(probs), probs
-
-    token, _ = pick(drafter.forward(prompt)[-1])
-    stats.forwards += 1
-    if token == eos_id:
-        stats.seconds += time.perf_counter() - t0
-        yield Event([], finished=True)
-        return
-    # From here on the pending token `token` is the last of `tokens` and not yet in the cache.
-    tokens, produced = prompt + [token], 1
-    stats.tokens += 1
-    drafter.commit(len(prompt), tokens)
-    yield Event([token], finished=produced >= max_new_tokens)
-    while produced < max_new_tokens:
-        m = min(n_draft, max_new_tokens - produced)  # never draft past the token limit
-        drafts, qs = [], []
-        for k in range(1, m + 1):
-            d, q = pick(drafter.draft_logits(k, drafts))
-            drafts.append(d)
-            qs.append(q)
-        inputs = [token] + drafts
-        head0 = drafter.forward(inputs)  # [m+1, V]
-        stats.forwards += 1
-        new, flags = [], []
-        greedy_pred = head0.argmax(-1).tolist() if params.greedy else None
-        for i, d in enumerate(drafts):
-            stats.proposed[i] += 1
-            if params.greedy:
-                ok, t = greedy_pred[i] == d, greedy_pred[i]
-            else:
-                ok, t = verify(next_token_probs(head0[i], params), qs[i], d, chance)
-            new.append(t)
-            flags.append(ok)
-            if not ok:
-                break
-            stats.accepted[i] += 1
-        else:
-            bonus, _ = pick(head0[len(drafts)])
-            new.append(bonus)
-            flags.append(False)
-        n_acc = sum(flags)
-        if eos_id in new:
-            cut = new.index(eos_id)
-            stats.tokens += cut
-            stats.seconds += time.perf_counter() - t0
-            yield Event(new[:cut], flags[:cut], drafts, finished=True)
-            return
-        new, flags = new[:max_new_tokens - produced], flags[:max_new_tokens - produced]
-        produced += len(new)
-        stats.tokens += len(new)
-        tokens.extend(new)
-        token = new[-1]
-        drafter.commit(1 + n_acc, tokens)
-        yield Event(new, flags, drafts, finished=produced >= max_new_tokens)
-    stats.seconds += time.perf_counter() - t0

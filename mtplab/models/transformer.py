@@ -191,27 +191,36 @@ class Transformer(nn.Module):
                                 dtype=dtype or self.wte.weight.dtype, n_loops=self.n_think_loops)
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None, n_heads: int | None = None,
-                      key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
+                      key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                      with_trunk: bool = False) -> list[torch.Tensor]:
         """Hidden states of the first `n_heads` heads, before the final norm: head k gives
         [B, T_k, D] (T_k = T, or T - k for sequential depths). With a cache, the new positions
         continue each row's cached ones and every row advances by T. `key_mask` [B, S] (False:
         a padding slot, never attended to) and `positions` [B, T] serve padded batches; the
-        positions default to the slots minus the padding before them."""
+        positions default to the slots minus the padding before them. `with_trunk`: the trunk's
+        output [B, T, D] comes last, after the heads'."""
         n_heads = self.n_future if n_heads is None else n_heads
         mask = self.attention_mask(ids, cache, key_mask, positions)
         if cache is not None and hasattr(self.heads, "set_first_layer"):
             self.heads.set_first_layer(self.cache_layers(cache.n_loops))  # heads follow the trunk
         h = self.trunk(ids, mask, cache)
-        if (self.stack_heads and hasattr(self.heads, "hidden_all") and n_heads > 1
-                and not torch.is_grad_enabled()):
-            out = self.heads.hidden_all(n_heads, h, self.rotary, mask, cache)
-        else:
-            out, prev = [], h
-            for k in range(n_heads):
-                prev = self.head_hidden(k, h if not self.heads.chained else prev, ids, mask, cache)
-                out.append(prev)
+        out = self.heads_hidden(h, n_heads, ids, mask, cache)
         if cache is not None:
             cache.advance(ids.size(1))
+        return out + [h] if with_trunk else out
+
+    def heads_hidden(self, h: torch.Tensor, n_heads: int, ids: torch.Tensor | None = None,
+                     mask: AttentionMask | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
+        """Heads 0..n_heads-1's hidden states from the trunk's h [B, T, D]. Families whose heads
+        keep nothing in the cache (medusa, slots, block-less parallel) need neither mask nor ids:
+        the engine drafts with them from one position per row."""
+        if (self.stack_heads and hasattr(self.heads, "hidden_all") and n_heads > 1
+                and not torch.is_grad_enabled()):
+            return self.heads.hidden_all(n_heads, h, self.rotary, mask, cache)
+        out, prev = [], h
+        for k in range(n_heads):
+            prev = self.head_hidden(k, h if not self.heads.chained else prev, ids, mask, cache)
+            out.append(prev)
         return out
 
     def attention_mask(self, ids: torch.Tensor, cache: KVCache | None = None,

@@ -9,7 +9,8 @@ from mtplab.config import ModelConfig
 from mtplab.inference import speculative
 from mtplab.inference.generate import generate_ids
 from mtplab.inference.sampling import SamplingParams, next_token_probs
-from mtplab.inference.speculative import Randomness, SpeculativeStats, generate_speculative
+from mtplab.inference.generate import generate_speculative
+from mtplab.inference.speculative import Randomness, SpeculativeStats
 from mtplab.models.transformer import Transformer
 from mtplab.training.losses import backward_heads
 

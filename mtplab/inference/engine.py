@@ -1,0 +1,306 @@
+"""The decoding engine: many requests decoded together in one preallocated KV cache, each with its
+own length, sampling parameters, random generator and number of drafts.
+
+Every step
+1. admits waiting requests into free cache rows and prefills them together (right-padded to the
+   longest prompt, in chunks of `prefill_chunk` positions): each gets its first token;
+2. advances every decoding row with one forward of [pending token, drafts...] per row, right-
+   padded to the longest row (rows without drafts are plain decoding: one input);
+3. verifies each row's drafts against head 0 (speculative.verify_row) and keeps that row's own
+   number of tokens: its cache length moves to the accepted end, the rest is garbage that the
+   next write overwrites and the ragged attention mask never shows;
+4. drafts each row's next tokens from its heads at its last accepted position;
+5. frees the rows that finished (eos, token limit) or were cancelled: the last row moves into the
+   hole, so the decoding rows stay contiguous and one cache view covers them.
+
+Greedy rows therefore produce exactly plain greedy decoding's tokens and sampling rows exactly
+head 0's distribution, whatever the other rows do. Sequential (DeepSeek) depths run per row on
+caches of their own (speculative.SequentialDrafter); the trunk forward is batched for every
+family.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import MtplabError
+from ..models.transformer import Transformer
+from .sampling import SamplingParams, next_token_probs
+from .speculative import Randomness, SequentialDrafter, SpeculativeStats, verify_row
+
+
+@dataclass
+class Event:
+    tokens: list[int]  # new tokens, in order
+    accepted: list[bool] = field(default_factory=list)  # per token: an accepted draft, else computed
+    drafts: list[int] = field(default_factory=list)  # the draft tokens this forward verified
+    finished: bool = False  # eos reached (eos itself is not in tokens) or the token limit
+
+    def __post_init__(self) -> None:
+        if not self.accepted:
+            self.accepted = [False] * len(self.tokens)
+
+
+def fit_prompt(model: Transformer, prompt: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+    """Keep the prompt's last tokens (all of it when it fits, leaving room for one new token) and cap
+    the new tokens to the room left in the context window."""
+    if not prompt:
+        raise MtplabError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise MtplabError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    window = model.config.max_seq_len
+    prompt = prompt[-(window - 1):]
+    return prompt, min(max_new_tokens, window - len(prompt))
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int = 128
+    params: SamplingParams = SamplingParams()
+    eos_id: int | None = None
+    n_draft: int = 0  # drafts per step (0: plain decoding)
+    chance: Randomness | None = None  # default: a generator seeded by params.seed
+    stats: SpeculativeStats | None = None  # filled in as the request decodes
+
+
+class Row:
+    """A request in the engine: where it stands and what it decodes next."""
+
+    def __init__(self, engine: "Engine", request: Request):
+        model = engine.model
+        self.request = request
+        self.prompt, self.limit = fit_prompt(model, request.prompt, request.max_new_tokens)
+        self.params, self.eos_id = request.params, request.eos_id
+        self.n_draft = request.n_draft
+        self.chance = request.chance or Randomness(request.params.generator(model.device))
+        self.stats = request.stats if request.stats is not None else SpeculativeStats()
+        self.stats.proposed = self.stats.proposed or [0] * self.n_draft
+        self.stats.accepted = self.stats.accepted or [0] * self.n_draft
+        self.tokens = list(self.prompt)  # every token so far; the last one is pending (not cached)
+        self.produced = 0
+        self.drafts: list[int] = []
+        self.qs: list[torch.Tensor | None] = []  # each draft's distribution (None: greedy)
+        self.finished = self.cancelled = False
+        self.sequential = (SequentialDrafter(model, self.n_draft, engine.cache.max_len)
+                           if model.heads.chained and self.n_draft else None)
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.cancelled
+
+    def pick(self, logits: torch.Tensor, greedy_token: int | None = None) -> tuple[int, torch.Tensor | None]:
+        if self.params.greedy:
+            return (int(logits.argmax()) if greedy_token is None else greedy_token), None
+        probs = next_token_probs(logits, self.params)
+        return self.chance.draw(probs), probs
+
+    def room(self) -> int:
+        """Drafts worth making now: never past the token limit."""
+        return min(self.n_draft, self.limit - self.produced)
+
+
+class Engine:
+    def __init__(self, model: Transformer, max_batch: int = 16, n_draft: int = 0,
+                 prefill_chunk: int = 256):
+        if max_batch < 1:
+            raise MtplabError(f"max_batch must be >= 1, got {max_batch}")
+        most = model.n_future - 1
+        if not 0 <= n_draft <= most:
+            raise MtplabError(f"n_draft must be between 0 and {most} (the model has {model.n_future} heads)")
+        self.model, self.max_batch, self.n_draft = model, max_batch, n_draft
+        self.prefill_chunk = prefill_chunk
+        # Heads whose blocks keep cache layers must see every position; the others draft from the
+        # trunk's state at one position per row.
+        self.cached_heads = model.heads.n_layers > 0
+        self.n_heads = 1 + n_draft if self.cached_heads else 1
+        # drafted positions past a row's end are written too (and dropped): room for them
+        self.cache = model.new_cache(batch=max_batch, max_len=model.config.max_seq_len + n_draft)
+        self.rows: list[Row] = []  # rows[i] owns cache row i
+        self.waiting: deque[Row] = deque()
+
+    # -- requests -------------------------------------------------------------------------------
+    def submit(self, request: Request) -> Row:
+        """Queue a request; it joins the batch at the next step with a free row."""
+        if request.n_draft > self.n_draft:
+            raise MtplabError(f"this engine drafts at most {self.n_draft} tokens per step")
+        row = Row(self, request)
+        self.waiting.append(row)
+        return row
+
+    def cancel(self, row: Row) -> None:
+        """Stop a request: a waiting one leaves now, a decoding one frees its row at the next step."""
+        row.cancelled = True
+        if row in self.waiting:
+            self.waiting.remove(row)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    # -- one step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[tuple[Row, Event]]:
+        """Admit and prefill waiting requests, advance every decoding row once; the events."""
+        t0 = time.perf_counter()
+        self._release()
+        events = []
+        decoding = len(self.rows)
+        admitted = []
+        while self.waiting and len(self.rows) + len(admitted) < self.max_batch:
+            admitted.append(self.waiting.popleft())
+        if decoding:
+            events += self._decode(self.rows)
+        if admitted:
+            events += self._prefill(admitted)
+        elapsed = time.perf_counter() - t0
+        for row in {id(r): r for r, _ in events}.values():
+            row.stats.seconds += elapsed
+        self._release()
+        return events
+
+    def _release(self) -> None:
+        """Free finished and cancelled rows; the last row moves into each hole."""
+        i = 0
+        while i < len(self.rows):
+            if self.rows[i].done:
+                last = len(self.rows) - 1
+                if i != last:
+                    self.cache.copy_row(last, i)
+                    self.rows[i] = self.rows[last]
+                self.rows.pop()
+            else:
+                i += 1
+
+    def _prefill(self, rows: list[Row]) -> list[tuple[Row, Event]]:
+        """Prompts into the free rows after the decoding ones, longest first so that the rows
+        still reading a chunk are always a prefix; each row's first token and drafts."""
+        rows.sort(key=lambda r: len(r.prompt), reverse=True)
+        first = len(self.rows)
+        self.rows.extend(rows)
+        for i in range(first, first + len(rows)):
+            self.cache.lengths[i] = 0
+        longest, chunk = len(rows[0].prompt), self.prefill_chunk
+        last_hidden: list[list[torch.Tensor]] = [[] for _ in rows]  # per row, per head: [D]
+        trunk_states: list[list[torch.Tensor]] = [[] for _ in rows]  # sequential rows: [1, n, D] chunks
+        for begin in range(0, longest, chunk):
+            reading = [r for r in rows if len(r.prompt) > begin]
+            width = min(chunk, longest - begin)
+            ids = torch.zeros(len(reading), width, dtype=torch.long)
+            for j, r in enumerate(reading):
+                part = r.prompt[begin:begin + width]
+                ids[j, :len(part)] = torch.tensor(part)
+            view = self.cache.view(first, first + len(reading))
+            hidden = self.model.hidden_states(ids.to(self.model.device), view, self.n_heads, with_trunk=True)
+            for j, r in enumerate(reading):
+                n = min(width, len(r.prompt) - begin)
+                self.cache.lengths[first + j] += n
+                if r.sequential is not None:
+                    trunk_states[j].append(hidden[0][j:j + 1, :n])
+                if begin + n == len(r.prompt):
+                    last_hidden[j] = [h[j, n - 1] for h in hidden]
+        head0 = self.model.logits(torch.stack([h[0] for h in last_hidden]))  # [R, V]
+        greedy = head0.argmax(-1).tolist()
+        events, drafting = [], []
+        for j, r in enumerate(rows):
+            r.stats.forwards += 1
+            token, _ = r.pick(head0[j], greedy[j])
+            if token == r.eos_id:
+                r.finished = True
+                events.append((r, Event([], finished=True)))
+                continue
+            r.tokens.append(token)
+            r.produced = 1
+            r.stats.tokens += 1
+            r.finished = r.produced >= r.limit
+            events.append((r, Event([token], finished=r.finished)))
+            if r.sequential is not None:
+                r.sequential.accept(torch.cat(trunk_states[j], 1), r.tokens)
+            if not r.finished:
+                drafting.append((r, last_hidden[j]))
+        self._draft(drafting)
+        return events
+
+    def _decode(self, rows: list[Row]) -> list[tuple[Row, Event]]:
+        inputs = [[r.tokens[-1]] + r.drafts for r in rows]
+        width = max(len(x) for x in inputs)
+        ids = torch.tensor([x + [x[0]] * (width - len(x)) for x in inputs], device=self.model.device)
+        view = self.cache.view(0, len(rows))
+        hidden = self.model.hidden_states(ids, view, self.n_heads, with_trunk=True)
+        head0 = self.model.logits(hidden[0])  # [R, T, V]
+        greedy = head0.argmax(-1).tolist()
+        events, drafting = [], []
+        for j, r in enumerate(rows):
+            r.stats.forwards += 1
+            new, flags = verify_row(r, head0[j], greedy[j])
+            n_acc = sum(flags)
+            self.cache.lengths[j] += 1 + n_acc
+            drafts, r.drafts, r.qs = r.drafts, [], []
+            if r.eos_id in new:
+                cut = new.index(r.eos_id)
+                r.stats.tokens += cut
+                r.finished = True
+                events.append((r, Event(new[:cut], flags[:cut], drafts, finished=True)))
+                continue
+            new, flags = new[:r.limit - r.produced], flags[:r.limit - r.produced]
+            r.produced += len(new)
+            r.stats.tokens += len(new)
+            r.tokens.extend(new)
+            r.finished = r.produced >= r.limit
+            events.append((r, Event(new, flags, drafts, finished=r.finished)))
+            if r.sequential is not None:
+                r.sequential.accept(hidden[0][j:j + 1, :1 + n_acc], r.tokens)
+            if not r.finished:
+                drafting.append((r, [h[j, n_acc] for h in hidden]))
+        self._draft(drafting)
+        return events
+
+    def _draft(self, rows: list[tuple[Row, list[torch.Tensor]]]) -> None:
+        """Each row's drafts for its next step, from its heads at its last accepted position
+        (hidden: that position's state of every head the forward computed, then the trunk's)."""
+        rows = [(r, h) for r, h in rows if r.room()]
+        if not rows:
+            return
+        chained = [r for r, _ in rows if r.sequential is not None]
+        for r in chained:
+            for k in range(1, r.room() + 1):
+                d, q = r.pick(r.sequential.draft_logits(k, r.drafts))
+                r.drafts.append(d)
+                r.qs.append(q)
+        rows = [(r, h) for r, h in rows if r.sequential is None]
+        if not rows:
+            return
+        m = max(r.room() for r, _ in rows)
+        model = self.model
+        if self.cached_heads:  # every head's state at the position came with the forward
+            states = [torch.stack([h[k] for _, h in rows]) for k in range(1, m + 1)]  # m x [R, D]
+        else:
+            trunk = torch.stack([h[-1] for _, h in rows])[:, None]  # [R, 1, D]
+            states = [s[:, 0] for s in model.heads_hidden(trunk, 1 + m)[1:]]
+        if model.heads.shared_unembedding:
+            logits = model.logits(torch.stack(states, 1))  # [R, m, V] in one unembedding
+        else:
+            logits = torch.stack([model.head_logits(k + 1, s) for k, s in enumerate(states)], 1)
+        greedy = logits.argmax(-1).tolist()
+        for j, (r, _) in enumerate(rows):
+            for k in range(r.room()):
+                d, q = r.pick(logits[j, k], greedy[j][k])
+                r.drafts.append(d)
+                r.qs.append(q)
+
+    # -- convenience ----------------------------------------------------------------------------
+    def stream(self, row: Row):
+        """Step until `row` is done, yielding its events (other rows advance alongside)."""
+        try:
+            while not row.done:
+                for r, event in self.step():
+                    if r is row:
+                        yield event
+        finally:
+            if not row.done:
+                self.cancel(row)
+                self._release()
