@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16,
                    help="gsm8k: questions decoded together (the answers do not depend on it)")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
+                   help="gsm8k: decode speculatively (default: on with >1 head; the answers are the same)")
     p.add_argument("--out", default=None, help="gsm8k: per-example jsonl (default CHECKPOINT/eval_gsm8k.jsonl)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -335,7 +337,8 @@ def cmd_eval(args) -> None:
     model, tokenizer = load_model(args.checkpoint)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval_gsm8k.jsonl"
     result, summary = evaluate_task(model, tokenizer, args.task, args.data, args.limit,
-                                    args.max_new_tokens, out, progress=True, batch_size=args.batch_size)
+                                    args.max_new_tokens, out, progress=True, batch_size=args.batch_size,
+                                    speculative=args.speculative)
     print(json.dumps(result) if args.json else summary)
 
 

@@ -236,13 +236,14 @@ def test_eval_batched_gives_the_per_example_outputs_of_batch_1(capsys, tiny_run,
     out, _ = tiny_run
     data = write_qa(tmp_path / "qa.jsonl", 6)
     rows = {}
-    for batch in ("1", "4"):
-        dest = tmp_path / f"rows{batch}.jsonl"
+    for batch, mode in (("1", "--speculative"), ("4", "--speculative"), ("4", "--no-speculative")):
+        dest = tmp_path / f"rows{batch}{mode}.jsonl"
         code, text, err = run_cli(capsys, "eval", str(out), "--task", "gsm8k", "--data", str(data),
-                                  "--max-new-tokens", "32", "--batch-size", batch, "--out", str(dest))
+                                  "--max-new-tokens", "32", "--batch-size", batch, mode, "--out", str(dest))
         assert code == 0 and "of 6" in text and "answering" in err  # the progress bar
-        rows[batch] = [json.loads(l) for l in dest.read_text().splitlines()]
-    assert len(rows["1"]) == 6 and rows["1"] == rows["4"]
+        rows[batch, mode] = [json.loads(l) for l in dest.read_text().splitlines()]
+    first, *others = rows.values()
+    assert len(first) == 6 and all(r == first for r in others)
 
 
 def test_bench_prints_tau_speedup_and_their_ratio_and_batched_throughput(capsys, tiny_run, tmp_path):

@@ -38,7 +38,8 @@ def is_correct(prediction: str, reference: str) -> bool:
 
 
 def evaluate_answers(model, tokenizer, examples: list[dict], max_new_tokens: int = 128,
-                     progress: bool = False, batch_size: int = 16) -> dict:
+                     progress: bool = False, batch_size: int = 16,
+                     speculative: bool | None = None) -> dict:
     """Greedy answers to `examples` (question/answer dicts), `batch_size` questions decoded
     together (each answer is the one it gets alone); accuracy overall and by `steps` when the
     examples carry it, plus one row per example."""
@@ -46,8 +47,8 @@ def evaluate_answers(model, tokenizer, examples: list[dict], max_new_tokens: int
 
     rows = []
     answers = decode_many(model, tokenizer, [ex["question"] for ex in examples], chat=True,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                          desc="answering")
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, speculative=speculative,
+                          progress=progress, desc="answering")
     for ex, answer in zip(examples, answers):
         output = answer.text
         rows.append({"question": ex["question"], "reference": ex["answer"], "output": output,

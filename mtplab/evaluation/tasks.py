@@ -30,7 +30,8 @@ TASKS = ("gsm8k", "loss", "ppl")
 
 def evaluate_task(model: Transformer, tokenizer, task: str, data: str, limit: int | None = None,
                   max_new_tokens: int = 256, out: str | Path | None = None,
-                  progress: bool = False, batch_size: int = 16) -> tuple[dict, str]:
+                  progress: bool = False, batch_size: int = 16,
+                  speculative: bool | None = None) -> tuple[dict, str]:
     """Score `model` on `data` (jsonl of question/answer, or text for loss/ppl). `out` receives the
     per-example rows of gsm8k, whose questions are answered `batch_size` at a time."""
     if task not in TASKS:
@@ -46,7 +47,7 @@ def evaluate_task(model: Transformer, tokenizer, task: str, data: str, limit: in
             raise MtplabError(f"{data}: no text")
     if task == "gsm8k":
         report = evaluate_answers(model, tokenizer, examples, max_new_tokens, progress=progress,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, speculative=speculative)
         atomic_write_text(Path(out), "".join(json.dumps(r) + "\n" for r in report.pop("rows")))
         result = {"task": "gsm8k", "accuracy": report["accuracy"], "n": report["n"], "per_example": str(out)}
         return result, f"GSM8K exact match: {report['accuracy']:.2%} of {report['n']} ({out})"
