@@ -231,8 +231,17 @@ class Engine:
         ids = torch.tensor([x + [x[0]] * (width - len(x)) for x in inputs], device=self.model.device)
         view = self.cache.view(0, len(rows))
         hidden = self.model.hidden_states(ids, view, self.n_heads, with_trunk=True)
-        head0 = self.model.logits(hidden[0])  # [R, T, V]
-        greedy = head0.argmax(-1).tolist()
+        # Heads that share the unembedding and came with the forward: every head's logits at every
+        # position in one call, so a step reads the unembedding once, as a plain step does (at
+        # batch 1 decoding is bound by reading weights, not by the few extra rows of arithmetic).
+        merged = self.n_heads > 1 and self.model.heads.shared_unembedding
+        if merged:
+            every = self.model.logits(torch.stack(hidden[:self.n_heads], 2))  # [R, T, H, V]
+            head0, greedy_every = every[:, :, 0], every.argmax(-1).tolist()
+            greedy = [[per_head[0] for per_head in row] for row in greedy_every]
+        else:
+            head0 = self.model.logits(hidden[0])  # [R, T, V]
+            greedy = head0.argmax(-1).tolist()
         events, drafting = [], []
         for j, r in enumerate(rows):
             r.stats.forwards += 1
@@ -254,10 +263,22 @@ class Engine:
             events.append((r, Event(new, flags, drafts, finished=r.finished)))
             if r.sequential is not None:
                 r.sequential.accept(hidden[0][j:j + 1, :1 + n_acc], r.tokens)
-            if not r.finished:
+            if r.finished:
+                continue
+            if merged and r.sequential is None:
+                self._take_drafts(r, every[j, n_acc, 1:], greedy_every[j][n_acc][1:])
+            else:
                 drafting.append((r, [h[j, n_acc] for h in hidden]))
         self._draft(drafting)
         return events
+
+    @staticmethod
+    def _take_drafts(row: Row, logits: torch.Tensor, greedy: list[int]) -> None:
+        """Row's drafts from its heads' logits [m, V] at its last accepted position."""
+        for k in range(row.room()):
+            d, q = row.pick(logits[k], greedy[k])
+            row.drafts.append(d)
+            row.qs.append(q)
 
     def _draft(self, rows: list[tuple[Row, list[torch.Tensor]]]) -> None:
         """Each row's drafts for its next step, from its heads at its last accepted position
@@ -287,10 +308,7 @@ class Engine:
             logits = torch.stack([model.head_logits(k + 1, s) for k, s in enumerate(states)], 1)
         greedy = logits.argmax(-1).tolist()
         for j, (r, _) in enumerate(rows):
-            for k in range(r.room()):
-                d, q = r.pick(logits[j, k], greedy[j][k])
-                r.drafts.append(d)
-                r.qs.append(q)
+            self._take_drafts(r, logits[j], greedy[j])
 
     # -- convenience ----------------------------------------------------------------------------
     def stream(self, row: Row):
