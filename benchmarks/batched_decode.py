@@ -7,7 +7,7 @@ size, not what speculation does; short prompts and few tokens, it is slow on a C
 size decodes the same prompts greedily (one engine, `batch` rows at a time, prefill included in the
 time); the table gives tokens/s, the ratio to batch-1 plain, tau (tokens per forward) and whether
 every prompt's tokens equal batch-1 plain's. Then `mtplab eval --task gsm8k`'s answering, batched
-against batch 1: the time and whether the per-example rows are identical.
+(speculative and plain) against batch 1: the time and whether the per-example rows are identical.
 
     python benchmarks/batched_decode.py [CHECKPOINT] [--prompts 64] [--max-new-tokens 64]
         [--batches 1,4,16,64] [--gpt2-prompts 64] [--gpt2-tokens 8] [--no-gpt2]
@@ -122,17 +122,23 @@ def main() -> None:
         examples = (load_qa_jsonl(args.eval_data, args.eval) if args.eval_data else
                     [{"question": p["question"], "answer": p["answer"]}
                      for p in make_problems(args.eval, seed=11, max_number=20)])
-        times, rows = {}, {}
-        for batch in (args.eval_batch, 1):
+        lines = [f"mtplab eval --task gsm8k on {len(examples)} questions of "
+                 f"{args.eval_data or 'built-in problems'} (--max-new-tokens {args.eval_tokens})",
+                 f"{'run':>32} {'s':>7} {'x batch 1':>9} {'same rows':>9}"]
+        runs = [(1, None, "batch 1 (default decoding)"),
+                (args.eval_batch, True, f"--batch-size {args.eval_batch} --speculative"),
+                (args.eval_batch, False, f"--batch-size {args.eval_batch} --no-speculative")]
+        first = None
+        for batch, speculative, label in runs:
             t0 = time.perf_counter()
-            rows[batch] = evaluate_answers(model, tokenizer, examples, args.eval_tokens, batch_size=batch)["rows"]
-            times[batch] = time.perf_counter() - t0
-            print(f"  eval batch {batch}: {times[batch]:.1f} s", flush=True)
-        same = rows[1] == rows[args.eval_batch]
-        out.append(f"mtplab eval --task gsm8k on {len(examples)} questions of {args.eval_data or 'built-in problems'} "
-                   f"(--max-new-tokens {args.eval_tokens}): batch 1 {times[1]:.1f} s, batch {args.eval_batch} "
-                   f"{times[args.eval_batch]:.1f} s: {times[1] / times[args.eval_batch]:.2f}x faster; "
-                   f"per-example rows identical: {str(same).lower()}")
+            rows = evaluate_answers(model, tokenizer, examples, args.eval_tokens, batch_size=batch,
+                                    speculative=speculative)["rows"]
+            seconds = time.perf_counter() - t0
+            first = first or (seconds, rows)
+            print(f"  eval {label}: {seconds:.1f} s", flush=True)
+            lines.append(f"{label:>32} {seconds:>7.1f} {first[0] / seconds:>8.2f}x "
+                         f"{str(rows == first[1]).lower():>9}")
+        out.append("\n".join(lines))
     print("\n" + "\n\n".join(out))
 
 
