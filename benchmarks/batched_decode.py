@@ -2,8 +2,9 @@
 
 Two models: a trained checkpoint (default: the demo's, `mtplab demo` writes runs/demo) and a random
 GPT-2-124M-shaped one (12 layers, d_model 768, 12 heads, vocab 50304, 4 parallel heads; random
-weights, so its drafts are almost never accepted: it shows what batching does to a model of that
-size, not what speculation does; short prompts and few tokens, it is slow on a CPU). Every batch
+weights: it shows what batching does to a model of that size, not what trained heads draft -- its
+tau only reflects random heads repeating head 0's repetitive output; short prompts and few tokens,
+it is slow on a CPU). Every batch
 size decodes the same prompts greedily (one engine, `batch` rows at a time, prefill included in the
 time); the table gives tokens/s, the ratio to batch-1 plain, tau (tokens per forward) and whether
 every prompt's tokens equal batch-1 plain's. Then `mtplab eval --task gsm8k`'s answering, batched
@@ -113,7 +114,7 @@ def main() -> None:
         big_prompts = torch.randint(0, 50304, (args.gpt2_prompts, args.gpt2_prompt_len), generator=gen).tolist()
         name = (f"random GPT-2-124M-shaped, 4 parallel heads: {big.num_parameters() / 1e6:.1f}M parameters, "
                 f"{len(big_prompts)} prompts of {args.gpt2_prompt_len} tokens x {args.gpt2_tokens} tokens "
-                f"(random weights: drafts are ~never accepted)")
+                f"(random weights: tau says nothing about trained heads)")
         print(name, flush=True)
         out.append(table(name, measure(big, big_prompts, args.gpt2_tokens, None, batches)))
         del big
