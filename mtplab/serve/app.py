@@ -165,7 +165,7 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
     async def health():
         w = worker()
         return {"status": "ok", "model": model_name, "running": len(w.active), "waiting": len(w.waiting),
-                "finished": w.finished, "cancelled": w.cancelled}
+                "finished": w.finished, "cancelled": w.cancelled, "max_batch": w.max_batch}
 
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "mtplab",
             "mtplab": {"context_length": window, "heads": model.n_future,

@@ -223,13 +223,14 @@ class Worker:
     def _step_engine(self, tickets: list[Ticket]) -> None:
         engine = self.engine
         live = {}  # row -> ticket
+        leaving = []  # (ticket, outcome), counted once their rows are free
         for ticket in tickets:
             row = self.active.get(ticket)
             if row is None:  # it failed at admission
                 continue
             if ticket.cancelled.is_set():
                 engine.cancel(row)  # its row is freed as the step begins
-                self._drop(ticket, None, "finished" if ticket.completed else "cancelled")
+                leaving.append((ticket, "finished" if ticket.completed else "cancelled"))
             else:
                 live[row] = ticket
         try:
@@ -238,9 +239,10 @@ class Worker:
             log.exception("a batched decoding step failed; failing its %d requests", len(live))
             for ticket in live.values():
                 ticket._put(_Failure(exc))
-                self._drop(ticket, None, "finished")
+                leaving.append((ticket, "finished"))
             self.engine = None
-            return
+            events = []
+            live = {}
         for row, event in events:
             ticket = live.get(row)
             if ticket is None:
@@ -250,16 +252,17 @@ class Worker:
             except Exception as exc:
                 engine.cancel(row)
                 self._fail(ticket, exc)
-                self._drop(ticket, None, "finished")
-                del live[row]
-                continue
-            ticket._put(item)
-            if last or row.done:
-                if not row.done:
+                last = True
+            else:
+                ticket._put(item)
+                if last and not row.done:
                     engine.cancel(row)  # a stop string: the row frees before the next forward
-                elif not last:
+                elif row.done and not last:
                     ticket._put(_END)
-                self._drop(ticket, None, "finished")
+            if last or row.done:
+                leaving.append((ticket, "finished"))
                 del live[row]
-        if not live and engine.busy:
+        if not live and self.engine is not None and engine.busy:
             engine.step()  # nobody left: free the stopped rows now, not when the next request comes
+        for ticket, outcome in leaving:
+            self._drop(ticket, None, outcome)

@@ -1,5 +1,6 @@
 """Real servers on free loopback ports (uvicorn in a thread) around the tiny checkpoint."""
 
+import dataclasses
 import threading
 import time
 
@@ -8,7 +9,7 @@ import pytest
 import uvicorn
 
 import mtplab
-from mtplab.inference.decode import decode
+from mtplab.inference.engine import Engine
 from mtplab.serve import create_app
 from mtplab.serve.server import bind
 
@@ -45,30 +46,66 @@ class LiveServer:
         self.sock.close()
 
 
-class SlowDecode:
-    """`decode` that ignores end-of-text and pauses after each event: answers that last long enough
-    to be stopped. Records how many events each generation produced and whether it was closed."""
+class Run:
+    """One request as the engine saw it: its row, how many events it produced, whether it was
+    cancelled (the client left or a stop string) rather than finished."""
 
-    def __init__(self, delay: float = 0.05):
-        self.delay = delay
-        self.runs: list[dict] = []
+    def __init__(self, row):
+        self.row, self.events, self.max = row, 0, row.limit
 
-    def __call__(self, model, prompt, max_new_tokens, params, eos_id, speculative, n_draft, stats):
-        run = {"events": 0, "closed": False, "max": max_new_tokens}
-        self.runs.append(run)
-        try:
-            for event in decode(model, prompt, max_new_tokens, params, None, speculative, n_draft, stats):
-                run["events"] += 1
-                yield event
-                time.sleep(self.delay)
-        except GeneratorExit:
-            run["closed"] = True
-            raise
+    @property
+    def closed(self) -> bool:
+        return self.row.cancelled
+
+
+class RecordingEngine(Engine):
+    def __init__(self, model, max_batch, n_draft, owner):
+        super().__init__(model, max_batch=max_batch, n_draft=n_draft)
+        self.owner = owner
+
+    def submit(self, request):
+        if self.owner.ignore_eos:
+            request = dataclasses.replace(request, eos_id=None)
+        row = super().submit(request)
+        self.owner.runs.append(Run(row))
+        return row
+
+    def step(self):
+        if self.owner.fail_next:
+            self.owner.fail_next = False
+            raise RuntimeError("a failing step")
+        events = super().step()
+        self.owner.widths.append(len({id(r) for r, _ in events}))
+        for run in self.owner.runs:
+            run.events += sum(r is run.row for r, _ in events)
+        if self.owner.delay:
+            time.sleep(self.owner.delay)
+        return events
+
+
+class SlowEngine:
+    """`create_app(engine_fn=...)`: engines that pause after each step and (`ignore_eos`) decode to
+    the token limit, so that answers last long enough to be stopped. Records each request's run,
+    the rows that advanced at each step (`widths`), and fails the next step when `fail_next`."""
+
+    def __init__(self, delay: float = 0.05, ignore_eos: bool = True):
+        self.delay, self.ignore_eos, self.fail_next = delay, ignore_eos, False
+        self.engines: list[Engine] = []
+        self.runs: list[Run] = []
+        self.widths: list[int] = []
+
+    def __call__(self, model, max_batch, n_draft):
+        self.engines.append(RecordingEngine(model, max_batch, n_draft, self))
+        return self.engines[-1]
+
+    @property
+    def engine(self) -> Engine:
+        return self.engines[-1]
 
 
 @pytest.fixture
-def slow_decode():
-    return SlowDecode
+def slow_engine():
+    return SlowEngine
 
 
 @pytest.fixture(scope="session")

@@ -124,9 +124,9 @@ def test_api_key_guards_every_route_but_health(serve_app):
     assert answer.usage.completion_tokens >= 1
 
 
-def test_queue_limit_answers_429_and_a_cancel_frees_the_place(serve_app, slow_decode):
-    slow = slow_decode(delay=0.05)
-    server = serve_app(max_batch=1, max_queue=1, decode_fn=slow)
+def test_queue_limit_answers_429_and_a_cancel_frees_the_place(serve_app, slow_engine):
+    slow = slow_engine(delay=0.05)
+    server = serve_app(max_batch=1, max_queue=1, engine_fn=slow)
     body = {"model": "tiny", "prompt": "Ava has", "max_tokens": 100, "stream": True}
     with httpx.Client(timeout=30) as h, h.stream("POST", server.url + "/v1/completions", json=body) as first:
         lines = first.iter_lines()  # kept: an abandoned iterator would close the connection
@@ -149,9 +149,9 @@ def test_queue_limit_answers_429_and_a_cancel_frees_the_place(serve_app, slow_de
     assert len(slow.runs) == 1  # the two that waited never started decoding
 
 
-def test_disconnect_cancels_generation_and_the_loop_stays_free(serve_app, slow_decode):
-    slow = slow_decode(delay=0.05)
-    server = serve_app(decode_fn=slow)
+def test_disconnect_cancels_generation_and_the_loop_stays_free(serve_app, slow_engine):
+    slow = slow_engine(delay=0.05)
+    server = serve_app(engine_fn=slow)
     body = {"model": "tiny", "prompt": "Ava has", "max_tokens": 120, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
@@ -161,18 +161,20 @@ def test_disconnect_cancels_generation_and_the_loop_stays_free(serve_app, slow_d
         assert time.perf_counter() - t0 < 1.0
     health = server.wait_idle(timeout=5)
     assert health["cancelled"] == 1 and health["finished"] == 0
-    assert slow.runs[0]["closed"] and slow.runs[0]["events"] < 60
+    assert slow.runs[0].closed and slow.runs[0].events < 60
+    assert not slow.engine.rows and not slow.engine.waiting  # its row is free
 
 
-def test_non_streaming_client_that_gives_up_cancels(serve_app, slow_decode):
-    slow = slow_decode(delay=0.05)
-    server = serve_app(decode_fn=slow)
+def test_non_streaming_client_that_gives_up_cancels(serve_app, slow_engine):
+    slow = slow_engine(delay=0.05)
+    server = serve_app(engine_fn=slow)
     body = {"model": "tiny", "prompt": "Ava has", "max_tokens": 120}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, timeout=0.8)
     health = server.wait_idle(timeout=5)
     assert health["cancelled"] == 1
-    assert slow.runs[0]["closed"] and slow.runs[0]["events"] < 60
+    assert slow.runs[0].closed and slow.runs[0].events < 60
+    assert not slow.engine.rows
 
 
 def test_errors_reach_the_openai_client_as_4xx(live):

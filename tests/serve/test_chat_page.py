@@ -26,9 +26,9 @@ def browser():
         browser.close()
 
 
-def test_chat_page_streams_marks_drafts_and_stops(browser, serve_app, slow_decode, tmp_path):
-    slow = slow_decode(delay=0.08)  # ignores end-of-text: the answer lasts until we press stop
-    server = serve_app(decode_fn=slow)
+def test_chat_page_streams_marks_drafts_and_stops(browser, serve_app, slow_engine, tmp_path):
+    slow = slow_engine(delay=0.08)  # ignores end-of-text: the answer lasts until we press stop
+    server = serve_app(engine_fn=slow)
     page = browser.new_page()
     bodies = []
     page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
@@ -50,7 +50,8 @@ def test_chat_page_streams_marks_drafts_and_stops(browser, serve_app, slow_decod
     page.wait_for_selector(".msg.assistant .note:text('[stopped]')")
     health = server.wait_idle(timeout=10)  # the server stopped decoding, it did not finish the answer
     assert health["cancelled"] == 1 and health["finished"] == 0
-    assert slow.runs[0]["closed"] and slow.runs[0]["events"] < slow.runs[0]["max"]
+    assert slow.runs[0].closed and slow.runs[0].events < slow.runs[0].max
+    assert not slow.engine.rows  # the stopped answer's row is free
     shown = page.text_content(".msg.assistant")
     page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
     assert (tmp_path / "chat.png").stat().st_size > 1000

@@ -35,18 +35,21 @@ def test_port_in_use(capsys, tiny):
 def test_bad_options(capsys, tiny):
     assert "port must be" in one_line_error(capsys, "serve", str(tiny[2]), "--port", "70000")
     assert "--max-queue" in one_line_error(capsys, "serve", str(tiny[2]), "--port", "0", "--max-queue", "-1")
+    assert "--max-batch must be >= 1, got 0" in one_line_error(capsys, "serve", str(tiny[2]), "--port", "0",
+                                                                "--max-batch", "0")
     assert "cannot resolve host" in one_line_error(capsys, "serve", str(tiny[2]), "--port", "0",
                                                    "--host", "no such host.invalid")
 
 
 def test_the_console_command_serves_until_ctrl_c(tiny):
     proc = subprocess.Popen([sys.executable, "-m", "mtplab", "serve", str(tiny[2]), "--port", "0",
-                             "--api-key", "k", "--model-name", "tiny-cli"],
+                             "--api-key", "k", "--model-name", "tiny-cli", "--max-batch", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         banner = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+/", banner).group(0)  # loopback unless told otherwise
-        assert httpx.get(url + "health", timeout=10).json()["model"] == "tiny-cli"
+        health = httpx.get(url + "health", timeout=10).json()
+        assert health["model"] == "tiny-cli" and health["max_batch"] == 1  # one request at a time
         answer = openai.OpenAI(base_url=url + "v1", api_key="k", max_retries=0).chat.completions.create(
             model="tiny-cli", messages=[{"role": "user", "content": "Ava has 3 apples."}], max_tokens=4)
         assert answer.choices[0].message.content
