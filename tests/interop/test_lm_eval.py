@@ -68,14 +68,16 @@ eval_batches = 1
 log_every = 1000
 device = "cpu"
 """
-GEN_TASK = """task: mtplab_sums_answer
-dataset_path: json
+# both local tasks read a jsonl file the test writes
+DATASET = """dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
   cache_dir: {cache}
 test_split: test
-output_type: generate_until
+"""
+GEN_TASK = """task: mtplab_sums_answer
+""" + DATASET + """output_type: generate_until
 doc_to_text: "{{{{question}}}}"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
@@ -93,13 +95,7 @@ metric_list:
   - metric: exact_match
 """
 CHOICE_TASK = """task: mtplab_sums_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: multiple_choice
+""" + DATASET + """output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
 doc_to_choice: choices
 doc_to_target: gold
