@@ -15,7 +15,7 @@ Every step
 
 Greedy rows therefore produce exactly plain greedy decoding's tokens and sampling rows exactly
 head 0's distribution, whatever the other rows do. Sequential (DeepSeek) depths run per row on
-caches of their own (speculative.SequentialDrafter); the trunk forward is batched for every
+caches of their own (heads.SequentialDrafter); the trunk forward is batched for every
 family.
 """
 
@@ -30,7 +30,7 @@ import torch
 from ..errors import MtplabError
 from ..models.transformer import Transformer
 from .sampling import SamplingParams, next_token_probs
-from .speculative import Randomness, SequentialDrafter, SpeculativeStats, verify_row
+from .speculative import Randomness, SpeculativeStats, verify_row
 
 
 @dataclass
@@ -86,8 +86,8 @@ class Row:
         self.drafts: list[int] = []
         self.qs: list[torch.Tensor | None] = []  # each draft's distribution (None: greedy)
         self.finished = self.cancelled = False
-        self.sequential = (SequentialDrafter(model, self.n_draft, engine.cache.max_len)
-                           if model.heads.chained and self.n_draft else None)
+        # a family whose drafts cannot come from the batched forward drafts per row
+        self.drafter = model.heads.drafter(model, self.n_draft, engine.cache.max_len)
 
     @property
     def done(self) -> bool:
@@ -186,7 +186,7 @@ class Engine:
             self.cache.lengths[i] = 0
         longest, chunk = len(rows[0].prompt), self.prefill_chunk
         last_hidden: list[list[torch.Tensor]] = [[] for _ in rows]  # per row, per head: [D]
-        trunk_states: list[list[torch.Tensor]] = [[] for _ in rows]  # sequential rows: [1, n, D] chunks
+        trunk_states: list[list[torch.Tensor]] = [[] for _ in rows]  # rows with a drafter: [1, n, D] chunks
         for begin in range(0, longest, chunk):
             reading = [r for r in rows if len(r.prompt) > begin]
             width = min(chunk, longest - begin)
@@ -199,7 +199,7 @@ class Engine:
             for j, r in enumerate(reading):
                 n = min(width, len(r.prompt) - begin)
                 self.cache.lengths[first + j] += n
-                if r.sequential is not None:
+                if r.drafter is not None:
                     trunk_states[j].append(hidden[0][j:j + 1, :n])
                 if begin + n == len(r.prompt):
                     last_hidden[j] = [h[j, n - 1] for h in hidden]
@@ -218,8 +218,8 @@ class Engine:
             r.stats.tokens += 1
             r.finished = r.produced >= r.limit
             events.append((r, Event([token], finished=r.finished)))
-            if r.sequential is not None:
-                r.sequential.accept(torch.cat(trunk_states[j], 1), r.tokens)
+            if r.drafter is not None:
+                r.drafter.accept(torch.cat(trunk_states[j], 1), r.tokens)
             if not r.finished:
                 drafting.append((r, last_hidden[j]))
         self._draft(drafting)
@@ -234,9 +234,9 @@ class Engine:
         # Heads that share the unembedding and came with the forward: every head's logits at every
         # position in one call, so a step reads the unembedding once, as a plain step does (at
         # batch 1 decoding is bound by reading weights, not by the few extra rows of arithmetic).
-        merged = self.n_heads > 1 and self.model.heads.shared_unembedding
+        merged = self.n_heads > 1
         if merged:
-            every = self.model.logits(torch.stack(hidden[:self.n_heads], 2))  # [R, T, H, V]
+            every = self.model.stacked_logits(hidden[:self.n_heads])  # [R, T, H, V]
             head0, greedy_every = every[:, :, 0], every.argmax(-1).tolist()
             greedy = [[per_head[0] for per_head in row] for row in greedy_every]
         else:
@@ -261,11 +261,11 @@ class Engine:
             r.tokens.extend(new)
             r.finished = r.produced >= r.limit
             events.append((r, Event(new, flags, drafts, finished=r.finished)))
-            if r.sequential is not None:
-                r.sequential.accept(hidden[0][j:j + 1, :1 + n_acc], r.tokens)
+            if r.drafter is not None:
+                r.drafter.accept(hidden[0][j:j + 1, :1 + n_acc], r.tokens)
             if r.finished:
                 continue
-            if merged and r.sequential is None:
+            if merged and r.drafter is None:
                 self._take_drafts(r, every[j, n_acc, 1:], greedy_every[j][n_acc][1:])
             else:
                 drafting.append((r, [h[j, n_acc] for h in hidden]))
@@ -286,13 +286,12 @@ class Engine:
         rows = [(r, h) for r, h in rows if r.room()]
         if not rows:
             return
-        chained = [r for r, _ in rows if r.sequential is not None]
-        for r in chained:
+        for r in (r for r, _ in rows if r.drafter is not None):
             for k in range(1, r.room() + 1):
-                d, q = r.pick(r.sequential.draft_logits(k, r.drafts))
+                d, q = r.pick(r.drafter.draft_logits(k, r.drafts))
                 r.drafts.append(d)
                 r.qs.append(q)
-        rows = [(r, h) for r, h in rows if r.sequential is None]
+        rows = [(r, h) for r, h in rows if r.drafter is None]
         if not rows:
             return
         m = max(r.room() for r, _ in rows)
@@ -302,10 +301,7 @@ class Engine:
         else:
             trunk = torch.stack([h[-1] for _, h in rows])[:, None]  # [R, 1, D]
             states = [s[:, 0] for s in model.heads_hidden(trunk, 1 + m)[1:]]
-        if model.heads.shared_unembedding:
-            logits = model.logits(torch.stack(states, 1))  # [R, m, V] in one unembedding
-        else:
-            logits = torch.stack([model.head_logits(k + 1, s) for k, s in enumerate(states)], 1)
+        logits = model.stacked_logits(states, first=1)  # [R, m, V]
         greedy = logits.argmax(-1).tolist()
         for j, (r, _) in enumerate(rows):
             self._take_drafts(r, logits[j], greedy[j])

@@ -12,7 +12,8 @@ q is the head's distribution it was drawn from; on rejection draw from norm(max(
 Greedy decoding is the one-hot limit: accept iff x = argmax p. Output is therefore token-for-token
 plain greedy decoding, or exactly head 0's distribution when sampling. The KV cache rolls back to
 the accepted length after each step. The engine (engine.py) runs these steps for many rows at once;
-this module holds what one row needs: the rule, its statistics, the DeepSeek depths' drafter.
+this module holds what one row needs: the rule and its statistics (the DeepSeek depths' per-row
+drafter lives with its family, in models/heads.py).
 
 Drafts: parallel and Medusa heads read the trunk at the last accepted position (all computed in the
 same pass);
@@ -26,8 +27,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.kv_cache import KVCache
-from ..models.transformer import Transformer
 from .sampling import next_token_probs
 
 
@@ -85,44 +84,6 @@ class SpeculativeStats:
                 "tokens_per_s": self.tokens_per_second}
 
 
-class SequentialDrafter:
-    """One row's DeepSeek depths. Depth k at position t needs h^{k-1}_t and token t+k. Positions
-    whose token t+k is already accepted are kept (in `history` and the depth's own cache); later
-    ones use drafts and are redone at the next step."""
-
-    def __init__(self, model: Transformer, n_draft: int, max_len: int):
-        self.model = model
-        c = model.config
-        self.caches = [KVCache(1, 1, c.kv_heads, max_len, c.head_dim, model.device,
-                               model.wte.weight.dtype) for _ in range(n_draft)]
-        self.history: list[torch.Tensor | None] = [None] * (n_draft + 1)  # kept hidden per depth
-        self.out: torch.Tensor | None = None
-
-    def accept(self, trunk: torch.Tensor, tokens: list[int]) -> None:
-        """trunk [1, n, D]: head 0's states at the newly accepted positions; tokens: every
-        accepted token, the pending one included."""
-        self.history[0] = _append(self.history[0], trunk)
-        self.tokens = tokens
-        self.out = None
-
-    def draft_logits(self, k: int, drafts: list[int]) -> torch.Tensor:
-        n = self.history[0].size(1)  # trunk positions 0..n-1 are accepted; tokens[n] is pending
-        cache = self.caches[k - 1]
-        first = cache.length  # depth k keeps positions [0, first)
-        if k == 1:
-            h_in = self.history[0][:, first:n]
-        else:  # depth k-1 at [first, n): kept earlier, then what it computed in this step
-            h_in = _cat(self.history[k - 1][:, first:self.prev_first], self.out)
-        following = (self.tokens[first + k:] + drafts)[:n - first]  # token t+k for t in [first, n)
-        next_ids = torch.tensor([following], device=self.model.device)
-        out = self.model.heads.run_module(k, h_in, next_ids, self.model.embed, self.model.rotary, cache)
-        keep = max(0, n - k + 1) - first  # positions whose token t+k is accepted, not drafted
-        self.history[k] = _append(self.history[k], out[:, :keep])
-        cache.rollback(first + keep)
-        self.out, self.prev_first = out, first
-        return self.model.logits(out[0, -1])
-
-
 def verify_row(row, head0: torch.Tensor, greedy: list[int]) -> tuple[list[int], list[bool]]:
     """One row's step: its drafts checked in order against head 0 (head0 [T, V], greedy its
     argmax per position), up to the first rejection; when all pass, head 0's bonus token.
@@ -141,11 +102,3 @@ def verify_row(row, head0: torch.Tensor, greedy: list[int]) -> tuple[list[int], 
         row.stats.accepted[i] += 1
     bonus, _ = row.pick(head0[len(row.drafts)], greedy[len(row.drafts)])
     return new + [bonus], flags + [False]
-
-
-def _append(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    return b if a is None else torch.cat([a, b], dim=1)
-
-
-def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.cat([a, b], dim=1) if a.size(1) else b

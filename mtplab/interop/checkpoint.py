@@ -136,6 +136,6 @@ def load_base(model: Transformer, directory: str | Path) -> list[str]:
                                ("missing:", missing)) if keys))
     model.load_state_dict(state, strict=False)
     fresh = sorted(k for k in expected if k not in state)
-    if fresh and hasattr(model.heads, "reset_parameters"):
+    if fresh:
         model.heads.reset_parameters(model.unembedding)
     return fresh

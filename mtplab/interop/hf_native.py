@@ -42,6 +42,7 @@ import torch
 from .. import __version__
 from ..config import ModelConfig, model_config_from_dict
 from ..errors import MtplabError
+from ..models.heads import family
 from ..models.transformer import Transformer
 from ..tokenizer import CHAT_TEMPLATES, Tokenizer
 from .gpt2 import block_weights, gpt2_shape, gpt2_to_mtplab, split_blocks
@@ -81,8 +82,7 @@ def misfits(config: ModelConfig) -> list[tuple[str, str]]:
          f"model.loop_layers={c.loop_layers}"),
         (c.low_rank > 0, f"low-rank projections (model.low_rank={c.low_rank}) have",
          f"model.low_rank={c.low_rank}"),
-        (c.mtp == "slots", "slot heads' next-token slot (heads.slots.0: with model.mtp='slots' head 0 "
-         "is a slot MLP on the trunk) has", "model.mtp='slots'"),
+        (family(c).native_misfit is not None, family(c).native_misfit, f"model.mtp={c.mtp!r}"),
     ]
     if arch == LLAMA:
         found += [(c.norm != "rmsnorm", f"{c.norm} (model.norm={c.norm!r}) has", f"model.norm={c.norm!r}"),
@@ -119,10 +119,7 @@ def check_fits(config: ModelConfig) -> str:
 def native_layers(config: ModelConfig) -> list[str]:
     """The mtplab block (state-dict prefix) of each standard layer: the trunk's blocks, then for
     parallel heads head 0's, which finish the next-token path (other families' head 0 is the trunk)."""
-    layers = [f"blocks.{i}." for i in range(config.n_layers)]
-    if config.mtp == "parallel":
-        layers += [f"heads.heads.0.{j}." for j in range(config.head_layers)]
-    return layers
+    return [f"blocks.{i}." for i in range(config.n_layers)] + family(config).next_token_blocks(config)
 
 
 def _fill(name: str) -> float:
@@ -217,19 +214,9 @@ def shape_of(hf: dict[str, Any], where: str | Path) -> dict[str, Any]:
 
 
 def heads_description(config: ModelConfig) -> str:
-    c, n = config, len(native_layers(config))
-    if c.n_future == 1:
+    if config.n_future == 1:
         return "one head: the standard model is the whole model"
-    if c.mtp == "parallel":
-        return (f"head k >= 1: blocks heads.heads.k.* on the trunk output (the hidden state after "
-                f"standard layer {c.n_layers - 1}, before head 0's layers), then the final norm and "
-                "unembedding")
-    if c.mtp == "sequential":
-        return (f"depth k >= 1: heads.modules_.(k-1) on depth k-1 (depth 0: the output of standard "
-                f"layer {n - 1}, before the final norm) and the embedding of token t+k, then the "
-                "final norm and unembedding")
-    return ("head k >= 1: heads.blocks.(k-1) (x + silu(W x + b)) and its own heads.lm_heads.(k-1), "
-            "on the final-normed hidden state")
+    return family(config).layout(config, len(native_layers(config)) - 1)
 
 
 # -- the export ------------------------------------------------------------------------------------

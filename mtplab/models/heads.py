@@ -1,7 +1,7 @@
-"""Multi-token prediction head families. Head k predicts token t+1+k from position t.
+"""Multi-token prediction head families behind one interface. Head k predicts token t+1+k from position t.
 
-All heads end in the model's shared final norm and unembedding; a head here only produces the
-hidden state [B, T_k, D] that feeds them.
+Every head ends in the model's final norm and an unembedding (the shared one, or Medusa's own for
+k >= 1); a family produces the hidden states [B, T_k, D] that feed them.
 
 - parallel (Gloeckle et al. 2024, seed 001): head k is its own stack of blocks on the trunk output.
 - sequential (DeepSeek-V3 §2.2, seed 002): head 0 is the trunk itself; module k >= 1 mixes the
@@ -12,11 +12,14 @@ hidden state [B, T_k, D] that feeds them.
 - slots (seed 000 on a causal trunk): slot k maps [x_t, h_{k-1}] to h_k = norm(h_{k-1} + MLP(...))
   with h_{-1} a learned init state, where x_t is the normed trunk state at position t (Monostep's
   pooled prefix summary, made causal so every block start of a sequence trains in one pass).
+
+`Heads` is everything the rest of mtplab asks of a family: the losses, TST, the decoding engine,
+`info`, and the HF exports call these methods and never ask which family they hold.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
@@ -27,11 +30,84 @@ from .kv_cache import KVCache
 from .layers import AttentionMask, Block, Rotary, make_norm
 from .stacked import StackedBlocks
 
+if TYPE_CHECKING:
+    from .transformer import Transformer
 
-class ParallelHeads(nn.Module):
-    chained = False  # every head reads the trunk output
-    shared_unembedding = True
+# future(k): the embeddings of the inputs k steps ahead of each position, [B, T', D] (T' = T - k for
+# tokens; TST's bags of raw tokens shifted by k cover every position).
+Future = Callable[[int], torch.Tensor]
 
+
+class Heads(nn.Module):
+    """The interface. Subclasses set `n_layers` and implement `hidden` and `flops_per_token`."""
+
+    n_layers = 0  # KV-cache layers the heads' blocks use, after the trunk's
+
+    def follow_trunk(self, first_layer: int) -> None:
+        """Place the heads' cache layers behind a trunk that uses `first_layer` of them (a looped
+        trunk's count depends on its think loops)."""
+
+    def reset_parameters(self, unembedding: torch.Tensor) -> None:
+        """The family's own start, after the model-wide initialisation (default: none)."""
+
+    def check(self, n_heads: int, cached: bool, padded: bool) -> None:
+        """Refuse, before any work, a forward that cannot give heads 0..n_heads-1 (ValueError)."""
+
+    def hidden(self, k: int, trunk: torch.Tensor, prev: torch.Tensor, future: Future | None,
+               rotary: Rotary | None, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+        """Head k's hidden state [B, T_k, D] from the trunk output [B, T, D] and head k-1's state
+        `prev` (the trunk output for k = 0). The head-at-a-time backward passes a detached copy of
+        each, so a family reads only the one its head depends on."""
+        raise NotImplementedError
+
+    def hidden_all(self, n: int, trunk: torch.Tensor, future: Future | None, rotary: Rotary | None,
+                   mask: AttentionMask | None, cache: KVCache | None = None,
+                   batched: bool = False) -> list[torch.Tensor]:
+        """Heads 0..n-1's hidden states. `batched` (inference): the family may evaluate its heads
+        together."""
+        out, prev = [], trunk
+        for k in range(n):
+            prev = self.hidden(k, trunk, prev, future, rotary, mask, cache)
+            out.append(prev)
+        return out
+
+    def unembed(self, k: int, normed: torch.Tensor, unembedding: torch.Tensor) -> torch.Tensor:
+        """Head k's logits (before any softcap) from its final-normed state [..., D]."""
+        return F.linear(normed, unembedding)
+
+    def unembed_stacked(self, first: int, normed: torch.Tensor, unembedding: torch.Tensor) -> torch.Tensor:
+        """Heads first..first+H-1 together: normed [..., H, D] -> [..., H, V]. With the shared
+        unembedding this is one matmul, so a decoding step reads the [V, D] matrix once."""
+        return F.linear(normed, unembedding)
+
+    def flops_per_token(self, attention: int, unembed: int) -> tuple[int, int]:
+        """Forward FLOPs per token the heads cost beyond the trunk: on the next-token path (head 0)
+        and for all heads. `attention`: one attention call's FLOPs; `unembed`: one unembedding's."""
+        raise NotImplementedError
+
+    def matmul_parameters(self, prefix: str = "") -> int:
+        return sum(p.numel() for name, p in self.named_parameters() if name.startswith(prefix) and p.dim() == 2)
+
+    def drafter(self, model: "Transformer", n_draft: int, max_len: int) -> "SequentialDrafter | None":
+        """A per-row drafter, for a family whose drafts cannot come from the batched forward
+        (None: draft from the heads' states at the last accepted position)."""
+        return None
+
+    # -- the standard (native) HF export ----------------------------------------------------------
+    native_misfit: str | None = None  # why head 0 has no place in a standard model, if it has none
+
+    @staticmethod
+    def next_token_blocks(config: ModelConfig) -> list[str]:
+        """State-dict prefixes of head 0's blocks after the trunk ([]: head 0 is the trunk itself)."""
+        return []
+
+    @staticmethod
+    def layout(config: ModelConfig, last_layer: int) -> str:
+        """Where heads k >= 1 sit relative to standard layer `last_layer` (export metadata)."""
+        raise NotImplementedError
+
+
+class ParallelHeads(Heads):
     def __init__(self, config: ModelConfig, first_layer: int):
         super().__init__()
         per = config.head_layers
@@ -43,9 +119,7 @@ class ParallelHeads(nn.Module):
         self.stackable = config.plain_blocks  # StackedBlocks knows only the plain block's parts
         self._stacked: dict[int, list] = {}
 
-    def set_first_layer(self, first_layer: int) -> None:
-        """Move the heads' cache layers behind a trunk that uses `first_layer` of them (a looped
-        trunk's count depends on its think loops)."""
+    def follow_trunk(self, first_layer: int) -> None:
         if first_layer == self.first_layer:
             return
         per = len(self.heads[0])
@@ -55,9 +129,17 @@ class ParallelHeads(nn.Module):
         self.first_layer = first_layer
         self._stacked = {}
 
-    def hidden_all(self, n: int, h_in: torch.Tensor, rotary: Rotary | None, mask: AttentionMask,
-                   cache: KVCache | None = None) -> list[torch.Tensor]:
-        """Heads 0..n-1 at once, layer j of every head batched together (inference only)."""
+    def hidden(self, k, trunk, prev, future, rotary, mask, cache=None):
+        x = trunk  # [B, T, D]: every head reads the trunk output
+        for block in self.heads[k]:
+            x = block(x, mask, rotary, cache)
+        return x
+
+    def hidden_all(self, n, trunk, future, rotary, mask, cache=None, batched=False):
+        """Batched: layer j of every head as one stacked block (same input, same shapes), so n
+        heads cost about one block's kernel launches."""
+        if not batched or n < 2:
+            return super().hidden_all(n, trunk, future, rotary, mask, cache)
         if n not in self._stacked:
             per = len(self.heads[0])
             # Head k's layer j sits at cache layer first + k*per + j: batch only when contiguous.
@@ -65,18 +147,27 @@ class ParallelHeads(nn.Module):
                                 for j in range(per)] if per == 1 and self.stackable else None
         stacks = self._stacked[n]
         if stacks is None:
-            return [self.hidden(k, h_in, None, None, rotary, mask, cache) for k in range(n)]
-        x = h_in.unsqueeze(0).expand(n, *h_in.shape)
+            return super().hidden_all(n, trunk, future, rotary, mask, cache)
+        x = trunk.unsqueeze(0).expand(n, *trunk.shape)
         for stack in stacks:
             x = stack(x, mask, rotary, cache)
         return list(x.unbind(0))
 
-    def hidden(self, k: int, h_in: torch.Tensor, ids: torch.Tensor, embed: Callable,
-               rotary: Rotary | None, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
-        x = h_in  # [B, T, D]
-        for block in self.heads[k]:
-            x = block(x, mask, rotary, cache)
-        return x
+    def flops_per_token(self, attention, unembed):
+        n, per = len(self.heads), len(self.heads[0])
+        matmul = self.matmul_parameters()
+        return (2 * matmul // n + per * attention + unembed,  # head 0's blocks are on the path
+                2 * matmul + n * per * attention + n * unembed)
+
+    @staticmethod
+    def next_token_blocks(config):
+        return [f"heads.heads.0.{j}." for j in range(config.head_layers)]
+
+    @staticmethod
+    def layout(config, last_layer):
+        return (f"head k >= 1: blocks heads.heads.k.* on the trunk output (the hidden state after "
+                f"standard layer {config.n_layers - 1}, before head 0's layers), then the final norm "
+                "and unembedding")
 
 
 class SequentialModule(nn.Module):
@@ -91,50 +182,103 @@ class SequentialModule(nn.Module):
         self.block = Block(config, layer_idx)
 
 
-class SequentialHeads(nn.Module):
-    chained = True  # depth k reads depth k-1
-    shared_unembedding = True
-
+class SequentialHeads(Heads):
     def __init__(self, config: ModelConfig, first_layer: int):
         super().__init__()
         # Each module keeps its own cache group, so its blocks are layer 0 of that group.
         self.modules_ = nn.ModuleList(SequentialModule(config, 0) for _ in range(config.n_future - 1))
         self.n_layers = 0  # none of these blocks live in the trunk's cache
 
-    def hidden(self, k: int, h_in: torch.Tensor, ids: torch.Tensor, embed: Callable,
-               rotary: Rotary | None, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+    def check(self, n_heads, cached, padded):
+        if n_heads < 2:
+            return
+        if cached:
+            raise ValueError("sequential MTP depths keep caches of their own, per row: ask for depths "
+                             "k >= 1 without a cache (use_cache=False), or decode with mtplab's engine")
+        if padded:
+            raise ValueError("sequential MTP depths take no padding mask or position_ids: ask for the "
+                             "depths of unpadded rows (head 0's logits take padding)")
+
+    def hidden(self, k, trunk, prev, future, rotary, mask, cache=None):
         if k == 0:
-            return h_in
+            return trunk
         if cache is not None:
             raise ValueError("sequential depths keep caches of their own: use run_module")
-        t = h_in.size(1) - 1  # depth k-1 covers one more position than depth k
-        return self.run_module(k, h_in[:, :t], ids[:, k:k + t], embed, rotary)
+        following = future(k)  # depth k-1 covers at least the positions depth k can
+        return self.run_module(k, prev[:, :following.size(1)], following, rotary)
 
-    def run_module(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, embed: Callable,
-                   rotary: Rotary | None, cache: KVCache | None = None) -> torch.Tensor:
-        """Depth k at positions i..j: h_prev = depth k-1 there [B, n, D], next_ids = x_{i+k..j+k}.
-        With a cache (this module's own, one layer), the positions continue the cached ones."""
+    def run_module(self, k: int, h_prev: torch.Tensor, following: torch.Tensor, rotary: Rotary | None,
+                   cache: KVCache | None = None) -> torch.Tensor:
+        """Depth k at positions i..j: h_prev = depth k-1 there [B, n, D], following = the
+        embeddings of x_{i+k..j+k} [B, n, D]. With a cache (this module's own, one layer), the
+        positions continue the cached ones."""
         module = self.modules_[k - 1]
-        x = module.eh_proj(torch.cat([module.enorm(embed(next_ids)), module.hnorm(h_prev)], dim=-1))
+        x = module.eh_proj(torch.cat([module.enorm(following), module.hnorm(h_prev)], dim=-1))
         start = cache.length if cache is not None else 0
         out = module.block(x, AttentionMask(start, x.size(1), x.device), rotary, cache)
         if cache is not None:
             cache.advance(x.size(1))
         return out
 
+    def flops_per_token(self, attention, unembed):
+        return unembed, 2 * self.matmul_parameters() + len(self.modules_) * attention + (1 + len(self.modules_)) * unembed
 
-class MedusaHeads(nn.Module):
-    chained = False
-    shared_unembedding = False  # each head projects to the vocabulary itself
+    def drafter(self, model, n_draft, max_len):
+        return SequentialDrafter(model, n_draft, max_len) if n_draft else None
 
+    @staticmethod
+    def layout(config, last_layer):
+        return (f"depth k >= 1: heads.modules_.(k-1) on depth k-1 (depth 0: the output of standard "
+                f"layer {last_layer}, before the final norm) and the embedding of token t+k, then the "
+                "final norm and unembedding")
+
+
+class SequentialDrafter:
+    """One row's DeepSeek depths at inference. Depth k at position t needs h^{k-1}_t and token t+k.
+    Positions whose token t+k is already accepted are kept (in `history` and the depth's own cache);
+    later ones use drafts and are redone at the next step."""
+
+    def __init__(self, model: "Transformer", n_draft: int, max_len: int):
+        self.model = model
+        c = model.config
+        self.caches = [KVCache(1, 1, c.kv_heads, max_len, c.head_dim, model.device,
+                               model.wte.weight.dtype) for _ in range(n_draft)]
+        self.history: list[torch.Tensor | None] = [None] * (n_draft + 1)  # kept hidden per depth
+        self.out: torch.Tensor | None = None
+
+    def accept(self, trunk: torch.Tensor, tokens: list[int]) -> None:
+        """trunk [1, n, D]: head 0's states at the newly accepted positions; tokens: every
+        accepted token, the pending one included."""
+        self.history[0] = _append(self.history[0], trunk)
+        self.tokens = tokens
+        self.out = None
+
+    def draft_logits(self, k: int, drafts: list[int]) -> torch.Tensor:
+        n = self.history[0].size(1)  # trunk positions 0..n-1 are accepted; tokens[n] is pending
+        cache = self.caches[k - 1]
+        first = cache.length  # depth k keeps positions [0, first)
+        if k == 1:
+            h_in = self.history[0][:, first:n]
+        else:  # depth k-1 at [first, n): kept earlier, then what it computed in this step
+            h_in = _cat(self.history[k - 1][:, first:self.prev_first], self.out)
+        following = (self.tokens[first + k:] + drafts)[:n - first]  # token t+k for t in [first, n)
+        embeds = self.model.embed(torch.tensor([following], device=self.model.device))
+        out = self.model.heads.run_module(k, h_in, embeds, self.model.rotary, cache)
+        keep = max(0, n - k + 1) - first  # positions whose token t+k is accepted, not drafted
+        self.history[k] = _append(self.history[k], out[:, :keep])
+        cache.rollback(first + keep)
+        self.out, self.prev_first = out, first
+        return self.model.head_logits(k, out[0, -1])
+
+
+class MedusaHeads(Heads):
     def __init__(self, config: ModelConfig, first_layer: int):
         super().__init__()
         d, extra = config.d_model, config.n_future - 1
         self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(extra))
         self.lm_heads = nn.ModuleList(nn.Linear(d, config.vocab_size, bias=False) for _ in range(extra))
-        self.n_layers = 0
 
-    def reset_parameters(self, unembedding: torch.Tensor) -> None:
+    def reset_parameters(self, unembedding):
         """Medusa's start: the residual branch is zero and every head copies the unembedding, so
         each head begins with exactly head 0's distribution."""
         with torch.no_grad():
@@ -143,13 +287,24 @@ class MedusaHeads(nn.Module):
                 block.bias.zero_()
                 lm_head.weight.copy_(unembedding)
 
-    def hidden(self, k: int, h_in: torch.Tensor, ids: torch.Tensor, embed: Callable,
-               rotary: Rotary | None, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
-        return h_in  # the heads work on the normed trunk output, in `logits`
+    def hidden(self, k, trunk, prev, future, rotary, mask, cache=None):
+        return trunk  # the heads work on the normed trunk output, in `unembed`
 
-    def logits(self, k: int, normed: torch.Tensor) -> torch.Tensor:
-        x = normed + F.silu(self.blocks[k - 1](normed))
-        return self.lm_heads[k - 1](x)
+    def unembed(self, k, normed, unembedding):
+        if k == 0:
+            return F.linear(normed, unembedding)
+        return self.lm_heads[k - 1](normed + F.silu(self.blocks[k - 1](normed)))
+
+    def unembed_stacked(self, first, normed, unembedding):
+        return torch.stack([self.unembed(first + i, x, unembedding) for i, x in enumerate(normed.unbind(-2))], -2)
+
+    def flops_per_token(self, attention, unembed):
+        return unembed, 2 * self.matmul_parameters() + unembed  # lm_heads: the others' unembeddings
+
+    @staticmethod
+    def layout(config, last_layer):
+        return ("head k >= 1: heads.blocks.(k-1) (x + silu(W x + b)) and its own heads.lm_heads.(k-1), "
+                "on the final-normed hidden state")
 
 
 class Slot(nn.Module):
@@ -166,29 +321,53 @@ class Slot(nn.Module):
         return self.norm(h_prev + self.ff(torch.cat([x, h_prev], dim=-1)))
 
 
-class SlotHeads(nn.Module):
-    chained = False  # each head is computed from the trunk output (through the slots before it)
-    shared_unembedding = True
-
+class SlotHeads(Heads):
     def __init__(self, config: ModelConfig, first_layer: int):
         super().__init__()
         self.in_norm = make_norm(config)
         self.init_state = nn.Parameter(torch.zeros(config.d_model))
         self.slots = nn.ModuleList(Slot(config) for _ in range(config.n_future))
-        self.n_layers = 0  # no attention: nothing in the cache
 
-    def hidden_all(self, n: int, h_in: torch.Tensor, rotary: Rotary | None = None,
-                   mask: AttentionMask | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
-        """Slots 0..n-1 along one chain: [B, T, D] each."""
-        x = self.in_norm(h_in)
+    def hidden_all(self, n, trunk, future=None, rotary=None, mask=None, cache=None, batched=False):
+        """Slots 0..n-1 along one chain: [B, T, D] each (no attention: nothing in the cache)."""
+        x = self.in_norm(trunk)
         h, out = self.init_state.expand_as(x), []
         for slot in self.slots[:n]:
             h = slot(x, h)
             out.append(h)
         return out
 
-    def hidden(self, k: int, h_in: torch.Tensor, ids: torch.Tensor, embed: Callable,
-               rotary: Rotary | None, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
-        # Recomputing slots < k costs a few small MLPs and lets each head's loss back-propagate on
-        # its own (losses.backward_heads), gradients reaching the earlier slots it depends on.
-        return self.hidden_all(k + 1, h_in)[k]
+    def hidden(self, k, trunk, prev, future, rotary, mask, cache=None):
+        # Recomputing slots < k from the trunk costs a few small MLPs and lets each head's loss
+        # back-propagate on its own (losses.backward_heads), reaching the earlier slots it uses.
+        return self.hidden_all(k + 1, trunk)[k]
+
+    def flops_per_token(self, attention, unembed):
+        return 2 * self.matmul_parameters("slots.0.") + unembed, 2 * self.matmul_parameters() + len(self.slots) * unembed
+
+    native_misfit = ("slot heads' next-token slot (heads.slots.0: with model.mtp='slots' head 0 is a "
+                     "slot MLP on the trunk) has")
+
+    @staticmethod
+    def layout(config, last_layer):
+        return "slot k: heads.slots.k on the normed trunk output and slot k-1's state"
+
+
+FAMILIES: dict[str, type[Heads]] = {"parallel": ParallelHeads, "sequential": SequentialHeads,
+                                    "medusa": MedusaHeads, "slots": SlotHeads}
+
+
+def make_heads(config: ModelConfig, first_layer: int) -> Heads:
+    return FAMILIES[config.mtp](config, first_layer)
+
+
+def family(config: ModelConfig) -> type[Heads]:
+    return FAMILIES[config.mtp]
+
+
+def _append(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=1)
+
+
+def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cat([a, b], dim=1) if a.size(1) else b

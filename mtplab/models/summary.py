@@ -45,15 +45,10 @@ def summarize(config: ModelConfig, context: int | None = None) -> dict:
     trunk_matmul = sum(p.numel() * block_passes(nm) for nm, p in model.named_parameters()
                        if nm.startswith("blocks.") and p.dim() == 2)
     trunk_calls = model.cache_layers(passes)
-    head_matmul = sum(p.numel() for nm, p in model.named_parameters()
-                      if nm.startswith("heads.") and p.dim() == 2)
-    head_blocks = config.n_future * config.head_layers if config.mtp == "parallel" else \
-        (config.n_future - 1 if config.mtp == "sequential" else 0)
-    flops_main = 2 * trunk_matmul + trunk_calls * attention + 2 * d * config.vocab_size
-    flops_all = (2 * (trunk_matmul + head_matmul) + (trunk_calls + head_blocks) * attention
-                 + 2 * d * config.vocab_size * n)
-    if config.mtp == "parallel":  # head 0's own blocks are on the next-token path too
-        flops_main += 2 * head_matmul // n + config.head_layers * attention
+    unembed = 2 * d * config.vocab_size
+    heads_main, heads_all = model.heads.flops_per_token(attention, unembed)
+    flops_main = 2 * trunk_matmul + trunk_calls * attention + heads_main
+    flops_all = 2 * trunk_matmul + trunk_calls * attention + heads_all
     return {"parameters": sum(groups.values()), "breakdown": groups,
             "per_head_module": per_head_module, "heads": n, "family": config.mtp,
             "context": context, "flops_per_token_next_token": flops_main,

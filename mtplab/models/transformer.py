@@ -21,13 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .heads import MedusaHeads, ParallelHeads, SequentialHeads, SlotHeads
+from .heads import make_heads
 from .kv_cache import KVCache
 from .layers import AttentionMask, Block, Rotary, init_weights, make_norm
-
-HEAD_FAMILIES = {"parallel": ParallelHeads, "sequential": SequentialHeads, "medusa": MedusaHeads,
-                 "slots": SlotHeads}
-
 
 class Transformer(nn.Module):
     stack_heads = True  # batch one-block heads at inference (off while FSDP shards the weights)
@@ -61,12 +57,11 @@ class Transformer(nn.Module):
         if config.loop_layers:
             self.think_gate = nn.Parameter(torch.tensor(0.5))  # seed 003's start
         self.n_think_loops = config.n_think_loops  # may be changed at inference; no new parameters
-        self.heads = HEAD_FAMILIES[config.mtp](config, first_layer=self.cache_layers(self.n_think_loops))
+        self.heads = make_heads(config, first_layer=self.cache_layers(self.n_think_loops))
         self.norm_f = make_norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
         init_weights(self, config.init_std, config.n_layers + config.head_layers)
-        if hasattr(self.heads, "reset_parameters"):
-            self.heads.reset_parameters(self.unembedding)
+        self.heads.reset_parameters(self.unembedding)
 
     @property
     def n_future(self) -> int:
@@ -160,10 +155,14 @@ class Transformer(nn.Module):
             x = x - self.backout_lambda * mid
         return x
 
-    def head_hidden(self, k: int, h_in: torch.Tensor, ids: torch.Tensor, mask: AttentionMask,
-                    cache: KVCache | None = None) -> torch.Tensor:
-        """Head k's hidden state. h_in: the trunk output (parallel) or depth k-1 (sequential)."""
-        return self.heads.hidden(k, h_in, ids, self.embed, self.rotary, mask, cache)
+    def head_hidden(self, k: int, trunk: torch.Tensor, prev: torch.Tensor, ids: torch.Tensor | None,
+                    mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+        """Head k's hidden state from the trunk output and head k-1's state (see Heads.hidden)."""
+        return self.heads.hidden(k, trunk, prev, self._future(ids), self.rotary, mask, cache)
+
+    def _future(self, ids: torch.Tensor | None):
+        """The embeddings k tokens ahead of each position (what sequential depths read)."""
+        return None if ids is None else (lambda k: self.embed(ids[:, k:]))
 
     @property
     def unembedding(self) -> torch.Tensor:
@@ -178,9 +177,14 @@ class Transformer(nn.Module):
         return self._softcap(F.linear(self.norm_f(h), self.unembedding))
 
     def head_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
-        if k == 0 or self.heads.shared_unembedding:
-            return self.logits(h)
-        return self._softcap(self.heads.logits(k, self.norm_f(h)))
+        """Head k's logits from its hidden state [..., D]."""
+        return self._softcap(self.heads.unembed(k, self.norm_f(h), self.unembedding))
+
+    def stacked_logits(self, states: list[torch.Tensor], first: int = 0) -> torch.Tensor:
+        """Heads first..first+H-1's logits from their states (H x [..., D]) -> [..., H, V], with
+        one read of a shared unembedding."""
+        return self._softcap(self.heads.unembed_stacked(first, self.norm_f(torch.stack(states, -2)),
+                                                        self.unembedding))
 
     # -- whole forward -------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
@@ -200,9 +204,10 @@ class Transformer(nn.Module):
         positions default to the slots minus the padding before them. `with_trunk`: the trunk's
         output [B, T, D] comes last, after the heads'."""
         n_heads = self.n_future if n_heads is None else n_heads
+        self.heads.check(n_heads, cache is not None, key_mask is not None or positions is not None)
         mask = self.attention_mask(ids, cache, key_mask, positions)
-        if cache is not None and hasattr(self.heads, "set_first_layer"):
-            self.heads.set_first_layer(self.cache_layers(cache.n_loops))  # heads follow the trunk
+        if cache is not None:
+            self.heads.follow_trunk(self.cache_layers(cache.n_loops))
         h = self.trunk(ids, mask, cache)
         out = self.heads_hidden(h, n_heads, ids, mask, cache)
         if cache is not None:
@@ -211,17 +216,11 @@ class Transformer(nn.Module):
 
     def heads_hidden(self, h: torch.Tensor, n_heads: int, ids: torch.Tensor | None = None,
                      mask: AttentionMask | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
-        """Heads 0..n_heads-1's hidden states from the trunk's h [B, T, D]. Families whose heads
-        keep nothing in the cache (medusa, slots, block-less parallel) need neither mask nor ids:
-        the engine drafts with them from one position per row."""
-        if (self.stack_heads and hasattr(self.heads, "hidden_all") and n_heads > 1
-                and not torch.is_grad_enabled()):
-            return self.heads.hidden_all(n_heads, h, self.rotary, mask, cache)
-        out, prev = [], h
-        for k in range(n_heads):
-            prev = self.head_hidden(k, h if not self.heads.chained else prev, ids, mask, cache)
-            out.append(prev)
-        return out
+        """Heads 0..n_heads-1's hidden states from the trunk's h [B, T, D]. Heads that keep nothing
+        in the cache (`heads.n_layers == 0`) and have no drafter need neither mask nor ids: the
+        engine drafts with them from one position per row."""
+        batched = self.stack_heads and not torch.is_grad_enabled()
+        return self.heads.hidden_all(n_heads, h, self._future(ids), self.rotary, mask, cache, batched)
 
     def attention_mask(self, ids: torch.Tensor, cache: KVCache | None = None,
                        key_mask: torch.Tensor | None = None,

@@ -86,7 +86,7 @@ def backward_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, 
     prev = trunk_out
     for k in range(model.n_future):
         with autocast():
-            out = model.head_hidden(k, prev if model.heads.chained else trunk_out, ids, mask)
+            out = model.head_hidden(k, trunk_out, prev, ids, mask)
         leaf = out.detach().requires_grad_()
         outputs.append(out)
         detached.append(leaf)

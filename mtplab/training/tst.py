@@ -89,13 +89,14 @@ def backward_tst(model: Transformer, raw: torch.Tensor, bag: int, weights: list[
     with autocast():
         h = model.trunk(None, mask, embeds=embed(bags(raw, bag, length)))
     trunk_out = h.detach().requires_grad_()
+
+    def future(d: int) -> torch.Tensor:  # what sequential depth d reads: the bags d raw tokens on
+        return embed(bags(raw, bag, length, d))
+
     outputs, detached, prev = [], [], trunk_out
     for d in range(n):
         with autocast():
-            if model.heads.chained and d > 0:  # reads the input bag shifted d raw tokens
-                out = model.heads.run_module(d, prev, bags(raw, bag, length, d), embed, model.rotary)
-            else:
-                out = model.head_hidden(d, trunk_out, None, mask)
+            out = model.heads.hidden(d, trunk_out, prev, future, model.rotary, mask)
         leaf = out.detach().requires_grad_()
         outputs.append(out)
         detached.append(leaf)

@@ -256,7 +256,7 @@ def test_padded_batches_give_every_row_its_unpadded_logits(tmp_path, tokenizer, 
         for i, want in enumerate(alone):
             assert_close(step.logits[i, -1], want[-2], i)
             assert_close(last.logits[i, -1], want[-1], i)
-        if model.heads.chained:  # sequential depths need unpadded rows
+        if family == "sequential":  # depths need unpadded rows
             ids, mask = pad_batch(rows, tokenizer.pad_id)
             with pytest.raises(ValueError, match="sequential MTP depths take no padding"):
                 hf(ids, attention_mask=mask, output_mtp_logits=True)

@@ -60,3 +60,64 @@ def test_zero_initialised_medusa_heads_start_as_head_0():
     with torch.no_grad():
         a, b = untied(torch.randint(0, V, (1, 5)))
     assert torch.allclose(a, b, atol=1e-6)
+
+
+# -- the interface every family answers ---------------------------------------------------------
+FAMILY_NAMES = ["parallel", "sequential", "medusa", "slots"]
+
+
+def small(family: str, **extra) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=32,
+                                   n_future=HEADS, mtp=family, **extra)).eval()
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_family_gives_the_same_states_one_head_at_a_time_and_together(family):
+    """hidden_all (batched, as decoding calls it) equals the training path's head-at-a-time
+    hidden(k, trunk, prev) that the memory-saving backward uses."""
+    model = small(family)
+    ids = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mask = model.attention_mask(ids)
+        trunk = model.trunk(ids, mask)
+        together = model.heads.hidden_all(HEADS, trunk, model._future(ids), model.rotary, mask, batched=True)
+        prev, one_by_one = trunk, []
+        for k in range(HEADS):
+            prev = model.head_hidden(k, trunk, prev, ids, mask)
+            one_by_one.append(prev)
+    for a, b in zip(together, one_by_one):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    stacked = model.stacked_logits(one_by_one[1:2] * 2, first=1)  # [B, T', 2, V]: head 1 twice
+    assert torch.allclose(stacked[..., 0, :], model.head_logits(1, one_by_one[1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_flops_count_each_vocabulary_projection_once(family):
+    """All heads cost the next-token path plus every other head's own work and one unembedding
+    each (Medusa's own lm_heads are its heads' unembeddings, not extra ones)."""
+    from mtplab.models.summary import summarize
+
+    config = small(family).config
+    s = summarize(config, context=16)
+    heads = s["flops_per_token_all_heads"] - s["flops_per_token_next_token"]
+    unembed = 2 * config.d_model * config.vocab_size
+    d, attention = config.d_model, 2 * 2 * 16 * config.d_model
+    block = 2 * (4 * d * d + 2 * d * config.ff_dim) + attention
+    expected = {"parallel": (HEADS - 1) * (block + unembed),
+                "sequential": (HEADS - 1) * (block + 2 * 2 * d * d + unembed),
+                "medusa": (HEADS - 1) * 2 * (d * d + d * V),
+                "slots": (HEADS - 1) * (2 * (2 * d * d + d * d) + unembed)}[family]
+    assert heads == expected
+
+
+def test_sequential_depths_refuse_a_cache_and_padding_before_any_work():
+    model = small("sequential")
+    ids = torch.randint(0, V, (1, 4))
+    cache = model.new_cache()
+    with pytest.raises(ValueError, match="caches of their own"):
+        model.hidden_states(ids, cache, n_heads=2)
+    assert cache.lengths == [0]  # nothing was written
+    with pytest.raises(ValueError, match="no padding"):
+        model.hidden_states(ids, n_heads=2, key_mask=torch.ones(1, 4, dtype=torch.bool))
+    assert len(model.hidden_states(ids, cache, n_heads=1)) == 1  # head 0 alone takes both

@@ -20,7 +20,7 @@ def prompts(vocab=61, seed=1):
 
 
 def heads_for(model):
-    return 1 if model.heads.chained else model.n_future  # sequential depths need the later tokens
+    return 1 if model.config.mtp == "sequential" else model.n_future  # depths need the later tokens
 
 
 @pytest.mark.parametrize("case", list(CASES))

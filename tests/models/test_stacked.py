@@ -15,8 +15,9 @@ def test_stacked_heads_equal_heads_run_one_by_one(features):
     ids = torch.randint(0, 40, (2, 12))
     with torch.no_grad():
         h = model.trunk(ids, AttentionMask(0, 12, ids.device))
-        one_by_one = [model.head_hidden(k, h, ids, AttentionMask(0, 12, ids.device)) for k in range(4)]
-        stacked = model.heads.hidden_all(4, h, model.rotary, AttentionMask(0, 12, ids.device))
+        mask = AttentionMask(0, 12, ids.device)
+        one_by_one = [model.head_hidden(k, h, h, ids, mask) for k in range(4)]
+        stacked = model.heads.hidden_all(4, h, None, model.rotary, mask, batched=True)
         for a, b in zip(one_by_one, stacked):
             assert (a - b).abs().max() < 1e-5
         # through the cache, in two chunks, as speculative decoding calls it

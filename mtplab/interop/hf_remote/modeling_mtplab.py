@@ -150,20 +150,13 @@ class MtplabForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is None and use_cache:
             cache = self.model.new_cache(batch=input_ids.size(0))
             cache.n_heads = n_heads
-        if cache is not None and heads.n_layers:  # parallel heads keep their blocks in the cache
+        if cache is not None and heads.n_layers:  # heads with blocks in the cache
             followed = getattr(cache, "n_heads", 1)
             if n_heads > followed:
                 raise ValueError("this cache follows head 0 only: start it with output_mtp_logits=True "
                                  "to get every head's logits")
             n_heads = followed  # keep every head the cache follows up to date
-        if cache is not None and heads.chained and output_mtp_logits:
-            raise ValueError("sequential MTP depths need the tokens after each position: ask for "
-                             "mtp_logits without a cache (use_cache=False)")
-
         key_mask, positions = _padding(input_ids, attention_mask, position_ids, cache)
-        if heads.chained and output_mtp_logits and (key_mask is not None or positions is not None):
-            raise ValueError("sequential MTP depths take no padding mask or position_ids: ask for "
-                             "mtp_logits of unpadded rows (head 0's logits take padding)")
         hidden = self.model.hidden_states(input_ids, cache, n_heads, key_mask, positions)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.model.head_logits(0, hidden[0][:, keep])
