@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,6 +38,8 @@ from .streaming import EngineJob, Piece, stream_pieces
 from .worker import QueueFull, Ticket, Worker
 
 STATIC = Path(__file__).parent / "static"
+ASSETS = frozenset(p.name for p in STATIC.iterdir() if p.is_file())  # what /static/ serves, by name
+log = logging.getLogger("mtplab.serve")
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 MIN_TEMPERATURE, MIN_TOP_P = 1e-5, 1e-6  # below: greedy, resp. the top token only (see plan())
 
@@ -53,6 +56,7 @@ class APIError(Exception):
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # always encodable
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -76,6 +80,38 @@ class EventStream(StreamingResponse):
             self.on_close()
 
 
+class Guard:
+    """The outermost ASGI layer: `/health/` is `/health` (one trailing slash is dropped), and an
+    exception that escapes the app is logged and answered with a JSON 500 and `Connection: close`
+    (or, once the answer has begun, the connection is closed), so that the next request on a
+    keep-alive connection finds a clean one."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if len(scope["path"]) > 1 and scope["path"].endswith("/"):
+            scope["path"] = scope["path"][:-1]
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:  # noqa: BLE001 -- a bug in mtplab; the client still gets an answer
+            log.exception("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
+            if not started:
+                response = error_response(500, f"internal error: {type(exc).__name__}", type="server_error",
+                                          headers={"Connection": "close"})
+                await response(scope, receive, send)
+
+
 class RequireKey:
     """ASGI middleware: every route but /health needs `Authorization: Bearer KEY`. Checked before
     the body is read, so a client without the key learns nothing about the API."""
@@ -93,6 +129,16 @@ class RequireKey:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def check_text(text: str, param: str) -> None:
+    """A 400 naming `param` for text that has no UTF-8 form (a lone UTF-16 surrogate, as JSON's
+    `\\ud800` can write): the tokenizer cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(400, f"{param}: the text is not valid Unicode: {text[exc.start]!r} at "
+                       f"character {exc.start} is a lone surrogate", param=param) from None
 
 
 def sse(data: Any) -> str:
@@ -153,15 +199,12 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
                    else str(exc.detail))
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):
-        return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
-
     if api_key is not None:
         app.add_middleware(RequireKey, key=api_key)
+    app.add_middleware(Guard)  # outermost: catches what the handlers let through
     router = APIRouter()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         w = worker()
         return {"status": "ok", "model": model_name, "running": len(w.active), "waiting": len(w.waiting),
@@ -171,25 +214,24 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
             "mtplab": {"context_length": window, "heads": model.n_future,
                        "parameters": model.num_parameters(), "chat_template": tokenizer.chat_template}}
 
-    @router.get("/v1/models")
+    @router.api_route("/v1/models", methods=["GET", "HEAD"])
     async def list_models():
         return {"object": "list", "data": [card]}
 
-    @router.get("/v1/models/{name:path}")
+    @router.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"])
     async def get_model(name: str):
         check_model(name)
         return card
 
-    @router.get("/", include_in_schema=False)
+    @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page():
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
-    @router.get("/static/{name}", include_in_schema=False)
+    @router.api_route("/static/{name:path}", methods=["GET", "HEAD"], include_in_schema=False)
     async def asset(name: str):
-        path = STATIC / name
-        if "/" in name or name.startswith(".") or not path.is_file():
-            raise APIError(404, f"no static file {name!r}", code="not_found")
-        return FileResponse(path, headers={"Cache-Control": "no-cache"})
+        if name not in ASSETS:  # a set lookup: no file-system call on a name we did not ship
+            raise APIError(404, f"no static file {name[:100]!r}", code="not_found")
+        return FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
 
     # -- generation -------------------------------------------------------------------------------
     def check_model(name: str | None) -> None:
@@ -216,6 +258,8 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
         problem = body.check_stop()
         if problem:
             raise APIError(400, problem, param="stop")
+        for i, stop in enumerate(body.stop_strings()):
+            check_text(stop, "stop" if isinstance(body.stop, str) else f"stop.{i}")
         if block_model and (body.speculative or body.n_draft):
             raise APIError(400, "this is a Monostep model: it decodes in blocks of "
                            f"{model.n_future} tokens, without speculation", param="speculative")
@@ -288,12 +332,13 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        prompt = body.prompt
+        prompt, param = body.prompt, "prompt"
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise APIError(400, "one prompt per request", param="prompt")
-            prompt = prompt[0]
+            prompt, param = prompt[0], "prompt.0"
         if isinstance(prompt, str):
+            check_text(prompt, param)
             ids = await asyncio.to_thread(tokenizer.encode, prompt)
         else:
             ids = prompt
@@ -304,6 +349,11 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
+        for i, m in enumerate(body.messages):
+            if isinstance(m.content, str):
+                check_text(m.content, f"messages.{i}.content")
+            for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+                check_text(part.text, f"messages.{i}.content.{j}.text")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:

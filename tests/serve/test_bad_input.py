@@ -2,6 +2,7 @@
 
 import json
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -78,6 +79,62 @@ def test_malformed_bodies(api):
     assert_openai_error(api.post("/v1/completions", content=b"[1, 2]", headers=headers), 400)
     assert_openai_error(api.post("/v1/completions", content=b"", headers=headers), 400)
     assert_openai_error(api.post("/v1/chat/completions", content=b"\xff\xfe", headers=headers), 400)
+
+
+SURROGATE = "\ud800"  # a lone UTF-16 surrogate: JSON can write it, UTF-8 cannot
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("body, param", [
+    ({**COMPLETION, "prompt": SURROGATE}, "prompt"),
+    ({**COMPLETION, "prompt": ["Ava \udfff has"]}, "prompt.0"),
+    ({**COMPLETION, "stop": SURROGATE}, "stop"),
+    ({**COMPLETION, "stop": ["\n", SURROGATE]}, "stop.1"),
+    ({**CHAT, "messages": [{"role": "user", "content": "Ava" + SURROGATE}]}, "messages.0.content"),
+    ({**CHAT, "messages": [{"role": "system", "content": SURROGATE}, {"role": "user", "content": "hi"}]},
+     "messages.0.content"),
+    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "Ava"},
+                                                        {"type": "text", "text": "\udc00"}]}]},
+     "messages.0.content.1.text"),
+])
+def test_text_that_is_not_unicode_is_a_400_naming_the_field(api, body, param, stream):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    r = api.post(path, content=json.dumps({**body, "stream": stream}), headers={"content-type": "application/json"})
+    error = assert_openai_error(r, 400)
+    assert error["param"] == param and "surrogate" in error["message"], error
+
+
+@pytest.mark.parametrize("name", ["a" * 300, "a" * 5000, "..%2Fapp.py", "%2e%2e/app.py", ".hidden", "app.js%00",
+                                  "nope.js", "app.js/x", "%ff%fe", "static/app.js"])
+def test_any_other_static_path_is_a_404(api, name):
+    assert_openai_error(api.get("/static/" + name), 404)
+
+
+def test_head_works_where_get_does_and_trailing_slashes(api):
+    for path in ["/health", "/health/", "/v1/models", "/v1/models/", "/v1/models/tiny", "/", "/static/app.js"]:
+        got, head = api.get(path, follow_redirects=False), api.head(path, follow_redirects=False)
+        assert got.status_code == head.status_code == 200, path
+        assert head.content == b"" and got.content
+    assert api.get("/health/", follow_redirects=False).json()["status"] == "ok"
+
+
+def test_an_unexpected_error_is_a_json_500_that_closes_the_connection(live, tiny, monkeypatch):
+    """A bug (here: the tokenizer failing) is a 500 in OpenAI's shape with `Connection: close`; the
+    client's next request, on a fresh connection, is served."""
+    encode = tiny[1].encode
+
+    def failing(text, *args, **kwargs):
+        if text == "boom":
+            raise RuntimeError("a bug")
+        return encode(text, *args, **kwargs)
+    monkeypatch.setattr(tiny[1], "encode", failing)
+    with httpx.Client(base_url=live.url, timeout=10) as h:
+        r = h.post("/v1/completions", json={**COMPLETION, "prompt": "boom"})
+        assert r.status_code == 500 and r.headers["connection"] == "close"
+        assert r.json()["error"] == {"message": "internal error: RuntimeError", "type": "server_error",
+                                     "param": None, "code": None}
+        r = h.post("/v1/completions", json=COMPLETION)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_unknown_model_route_and_method(api):
