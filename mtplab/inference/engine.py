@@ -195,14 +195,18 @@ class Engine:
                 part = r.prompt[begin:begin + width]
                 ids[j, :len(part)] = torch.tensor(part)
             view = self.cache.view(first, first + len(reading))
-            hidden = self.model.hidden_states(ids.to(self.model.device), view, self.n_heads, with_trunk=True)
-            for j, r in enumerate(reading):
-                n = min(width, len(r.prompt) - begin)
+            reads = [min(width, len(r.prompt) - begin) for r in reading]
+            # Only each row's last position has a reader (its first token, its drafts): the heads'
+            # blocks compute keys and values for the rest.
+            last = torch.tensor([n - 1 for n in reads], device=self.model.device)
+            *heads, trunk = self.model.hidden_states(ids.to(self.model.device), view, self.n_heads,
+                                                     with_trunk=True, outputs_at=last)
+            for j, (r, n) in enumerate(zip(reading, reads)):
                 self.cache.lengths[first + j] += n
                 if r.drafter is not None:
-                    trunk_states[j].append(hidden[0][j:j + 1, :n])
+                    trunk_states[j].append(trunk[j:j + 1, :n])
                 if begin + n == len(r.prompt):
-                    last_hidden[j] = [h[j, n - 1] for h in hidden]
+                    last_hidden[j] = [h[j, 0] for h in heads] + [trunk[j, n - 1]]
         head0 = self.model.logits(torch.stack([h[0] for h in last_hidden]))  # [R, V]
         greedy = head0.argmax(-1).tolist()
         events, drafting = [], []

@@ -61,10 +61,13 @@ class Heads(nn.Module):
         raise NotImplementedError
 
     def hidden_all(self, n: int, trunk: torch.Tensor, future: Future | None, rotary: Rotary | None,
-                   mask: AttentionMask | None, cache: KVCache | None = None,
-                   batched: bool = False) -> list[torch.Tensor]:
+                   mask: AttentionMask | None, cache: KVCache | None = None, batched: bool = False,
+                   outputs_at: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Heads 0..n-1's hidden states. `batched` (inference): the family may evaluate its heads
-        together."""
+        together. `outputs_at` ([B] positions): the states only there, [B, 1, D] each; the heads'
+        blocks still put every position into the cache."""
+        if outputs_at is not None:  # heads without attention: the trunk's state there is enough
+            trunk = _pick(trunk, outputs_at)
         out, prev = [], trunk
         for k in range(n):
             prev = self.hidden(k, trunk, prev, future, rotary, mask, cache)
@@ -129,17 +132,20 @@ class ParallelHeads(Heads):
         self.first_layer = first_layer
         self._stacked = {}
 
-    def hidden(self, k, trunk, prev, future, rotary, mask, cache=None):
+    def hidden(self, k, trunk, prev, future, rotary, mask, cache=None, outputs_at=None):
         x = trunk  # [B, T, D]: every head reads the trunk output
-        for block in self.heads[k]:
-            x = block(x, mask, rotary, cache)
+        if not len(self.heads[k]) and outputs_at is not None:  # block-less (nanochat): the trunk's state
+            return _pick(trunk, outputs_at)
+        for j, block in enumerate(self.heads[k]):
+            x = block(x, mask, rotary, cache, keep=outputs_at if j == len(self.heads[k]) - 1 else None)
         return x
 
-    def hidden_all(self, n, trunk, future, rotary, mask, cache=None, batched=False):
+    def hidden_all(self, n, trunk, future, rotary, mask, cache=None, batched=False, outputs_at=None):
         """Batched: layer j of every head as one stacked block (same input, same shapes), so n
-        heads cost about one block's kernel launches."""
+        heads cost about one block's kernel launches. With `outputs_at` the last layer computes
+        only keys and values at the other positions (1/6 of a block's matmuls)."""
         if not batched or n < 2:
-            return super().hidden_all(n, trunk, future, rotary, mask, cache)
+            return [self.hidden(k, trunk, trunk, future, rotary, mask, cache, outputs_at) for k in range(n)]
         if n not in self._stacked:
             per = len(self.heads[0])
             # Head k's layer j sits at cache layer first + k*per + j: batch only when contiguous.
@@ -147,10 +153,10 @@ class ParallelHeads(Heads):
                                 for j in range(per)] if per == 1 and self.stackable else None
         stacks = self._stacked[n]
         if stacks is None:
-            return super().hidden_all(n, trunk, future, rotary, mask, cache)
+            return [self.hidden(k, trunk, trunk, future, rotary, mask, cache, outputs_at) for k in range(n)]
         x = trunk.unsqueeze(0).expand(n, *trunk.shape)
-        for stack in stacks:
-            x = stack(x, mask, rotary, cache)
+        for j, stack in enumerate(stacks):
+            x = stack(x, mask, rotary, cache, keep=outputs_at if j == len(stacks) - 1 else None)
         return list(x.unbind(0))
 
     def flops_per_token(self, attention, unembed):
@@ -198,6 +204,11 @@ class SequentialHeads(Heads):
         if padded:
             raise ValueError("sequential MTP depths take no padding mask or position_ids: ask for the "
                              "depths of unpadded rows (head 0's logits take padding)")
+
+    def hidden_all(self, n, trunk, future, rotary, mask, cache=None, batched=False, outputs_at=None):
+        if outputs_at is not None and n > 1:
+            raise ValueError("sequential depths read every position's state: no outputs_at")
+        return super().hidden_all(n, trunk, future, rotary, mask, cache, batched, outputs_at)
 
     def hidden(self, k, trunk, prev, future, rotary, mask, cache=None):
         if k == 0:
@@ -328,8 +339,11 @@ class SlotHeads(Heads):
         self.init_state = nn.Parameter(torch.zeros(config.d_model))
         self.slots = nn.ModuleList(Slot(config) for _ in range(config.n_future))
 
-    def hidden_all(self, n, trunk, future=None, rotary=None, mask=None, cache=None, batched=False):
+    def hidden_all(self, n, trunk, future=None, rotary=None, mask=None, cache=None, batched=False,
+                   outputs_at=None):
         """Slots 0..n-1 along one chain: [B, T, D] each (no attention: nothing in the cache)."""
+        if outputs_at is not None:
+            trunk = _pick(trunk, outputs_at)
         x = self.in_norm(trunk)
         h, out = self.init_state.expand_as(x), []
         for slot in self.slots[:n]:
@@ -363,6 +377,11 @@ def make_heads(config: ModelConfig, first_layer: int) -> Heads:
 
 def family(config: ModelConfig) -> type[Heads]:
     return FAMILIES[config.mtp]
+
+
+def _pick(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D] at one position per row -> [B, 1, D]."""
+    return x[torch.arange(x.size(0), device=x.device), at].unsqueeze(1)
 
 
 def _append(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,21 @@ class AttentionMask:
         self.mask = allowed.unsqueeze(1)
         return self
 
+    def at(self, keep: torch.Tensor) -> "AttentionMask":
+        """The mask of one query per row: new position keep[b] of row b ([B] indices into the T)."""
+        out = AttentionMask.__new__(AttentionMask)
+        out.start, out.length, out.device, out.is_causal, out._windowed = None, 1, self.device, False, {}
+        if self._slots is None:  # plain: every row starts at `start`
+            out._slots = self.start + keep[:, None]  # [B, 1]
+            keys = torch.arange(self.start + self.length, device=self.device)
+            out.mask = (keys[None, None, :] <= out._slots[:, :, None]).unsqueeze(1)  # [B, 1, 1, S]
+            out.positions = out._slots
+        else:
+            out._slots = self._slots.gather(1, keep[:, None])
+            out.mask = self.mask.gather(2, keep[:, None, None, None].expand(-1, 1, 1, self.mask.size(-1)))
+            out.positions = self.positions.gather(1, keep[:, None])
+        return out
+
     def for_window(self, window: int) -> tuple[torch.Tensor | None, bool]:
         """(attn_mask, is_causal) for a layer with this window (0: full)."""
         if self._slots is not None:
@@ -160,8 +175,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, rotary: Rotary | None,
                 cache: KVCache | None, layer: int | None = None,
-                ve: torch.Tensor | None = None) -> torch.Tensor:
+                ve: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, D] -> [B, T, D]; with `keep` ([B] positions) every position's key and value but
+        only position keep[b]'s output: [B, 1, D] (a prefill whose other outputs nobody reads)."""
         b, t, _ = x.shape
+        if keep is not None:
+            return self._forward_at(x, mask, rotary, cache, layer, ve, keep)
         q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
@@ -180,6 +199,26 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
+
+    def _forward_at(self, x, mask, rotary, cache, layer, ve, keep):
+        b, t, _ = x.shape
+        k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        if self.ve_gate is not None and ve is not None:
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
+            v = v + gate.transpose(1, 2).unsqueeze(-1) * ve.view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        at = mask.at(keep)
+        q = self.q_proj(x[torch.arange(b, device=x.device), keep]).view(b, 1, self.n_heads, self.hd).transpose(1, 2)
+        if rotary is not None:
+            q, k = rotary(q, at), rotary(k, mask)
+        if self.qk_scale is not None:
+            q = F.rms_norm(q, (self.hd,), eps=self.eps) * self.qk_scale
+            k = F.rms_norm(k, (self.hd,), eps=self.eps) * self.qk_scale
+        if cache is not None:
+            k, v = cache.update(self.layer_idx if layer is None else layer, k, v)
+        attn_mask, _ = at.for_window(self.window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(b, 1, self.n_heads * self.hd))
 
 
 class MLP(nn.Module):
@@ -224,7 +263,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, rotary: Rotary | None = None,
                 cache: KVCache | None = None, layer: int | None = None,
-                ve: torch.Tensor | None = None) -> torch.Tensor:
+                ve: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, D] -> [B, T, D], or [B, 1, D] at positions `keep` (see Attention.forward)."""
+        if keep is not None:
+            a = self.attn(self.attn_norm(x), mask, rotary, cache, layer, ve, keep)
+            x = x[torch.arange(x.size(0), device=x.device), keep].unsqueeze(1) + a
+            return x + self.mlp(self.mlp_norm(x))
         if self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
             return checkpoint(self._forward, x, mask, rotary, cache, layer, ve, use_reentrant=False)
         return self._forward(x, mask, rotary, cache, layer, ve)

@@ -59,25 +59,34 @@ class StackedBlocks:
         return y + self.w[name + ".bias"] if name + ".bias" in self.w else y
 
     def __call__(self, x: torch.Tensor, mask: AttentionMask, rotary: Rotary | None,
-                 cache: KVCache | None) -> torch.Tensor:
-        """x [n, B, T, D] (head i's input) -> [n, B, T, D]."""
+                 cache: KVCache | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x [n, B, T, D] (head i's input) -> [n, B, T, D]; with `keep` ([B] positions) every
+        position's keys and values but only position keep[b]'s output: [n, B, 1, D]."""
         self._weights()
         n, b, t, d = x.shape
         flat = x.reshape(n, b * t, d)
         h = self._norm(flat, "attn_norm")
-        q = self._linear(h, "attn.q_proj").view(n * b, t, self.n_heads, self.hd).transpose(1, 2)
         k = self._linear(h, "attn.k_proj").view(n * b, t, self.n_kv, self.hd).transpose(1, 2)
         v = self._linear(h, "attn.v_proj").view(n * b, t, self.n_kv, self.hd).transpose(1, 2)
-        if rotary is not None:
+        at = mask if keep is None else mask.at(keep)
+        if keep is not None:  # the residual stream and the queries only where outputs are read
+            rows = torch.arange(b, device=x.device)
+            flat = x[:, rows, keep]  # [n, B, D]
+            h = h.view(n, b, t, d)[:, rows, keep]
+            t = 1
+        q = self._linear(h, "attn.q_proj").view(n * b, t, self.n_heads, self.hd).transpose(1, 2)
+        if rotary is not None and keep is None:  # q and k in one rotation
             q, k = rotary(torch.cat([q, k], dim=1), mask).split([self.n_heads, self.n_kv], dim=1)
+        elif rotary is not None:
+            q, k = rotary(q, at), rotary(k, mask)
         if cache is not None:
-            kn, vn = cache.update_layers(self.first_layer, k.view(n, b, self.n_kv, t, self.hd),
-                                         v.view(n, b, self.n_kv, t, self.hd))
+            kn, vn = cache.update_layers(self.first_layer, k.view(n, b, self.n_kv, -1, self.hd),
+                                         v.view(n, b, self.n_kv, -1, self.hd))
             k, v = kn.reshape(n * b, self.n_kv, -1, self.hd), vn.reshape(n * b, self.n_kv, -1, self.hd)
-        attn_mask = mask.mask
+        attn_mask = at.mask
         if attn_mask is not None and attn_mask.dim() == 4:  # per row: the same rows for every head
             attn_mask = attn_mask.repeat(n, 1, 1, 1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=mask.is_causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=at.is_causal,
                                            enable_gqa=self.n_kv != self.n_heads)
         y = y.transpose(1, 2).reshape(n, b * t, self.n_heads * self.hd)
         flat = flat + self._linear(y, "attn.o_proj")

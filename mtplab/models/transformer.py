@@ -196,31 +196,35 @@ class Transformer(nn.Module):
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None, n_heads: int | None = None,
                       key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                      with_trunk: bool = False) -> list[torch.Tensor]:
+                      with_trunk: bool = False, outputs_at: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Hidden states of the first `n_heads` heads, before the final norm: head k gives
         [B, T_k, D] (T_k = T, or T - k for sequential depths). With a cache, the new positions
         continue each row's cached ones and every row advances by T. `key_mask` [B, S] (False:
         a padding slot, never attended to) and `positions` [B, T] serve padded batches; the
         positions default to the slots minus the padding before them. `with_trunk`: the trunk's
-        output [B, T, D] comes last, after the heads'."""
+        output [B, T, D] comes last, after the heads'. `outputs_at` [B] (a prefill that reads one
+        position per row): the heads' states only there, [B, 1, D]; their blocks still cache every
+        position, and the trunk's output stays whole."""
         n_heads = self.n_future if n_heads is None else n_heads
         self.heads.check(n_heads, cache is not None, key_mask is not None or positions is not None)
         mask = self.attention_mask(ids, cache, key_mask, positions)
         if cache is not None:
             self.heads.follow_trunk(self.cache_layers(cache.n_loops))
         h = self.trunk(ids, mask, cache)
-        out = self.heads_hidden(h, n_heads, ids, mask, cache)
+        out = self.heads_hidden(h, n_heads, ids, mask, cache, outputs_at)
         if cache is not None:
             cache.advance(ids.size(1))
         return out + [h] if with_trunk else out
 
     def heads_hidden(self, h: torch.Tensor, n_heads: int, ids: torch.Tensor | None = None,
-                     mask: AttentionMask | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
+                     mask: AttentionMask | None = None, cache: KVCache | None = None,
+                     outputs_at: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Heads 0..n_heads-1's hidden states from the trunk's h [B, T, D]. Heads that keep nothing
         in the cache (`heads.n_layers == 0`) and have no drafter need neither mask nor ids: the
         engine drafts with them from one position per row."""
         batched = self.stack_heads and not torch.is_grad_enabled()
-        return self.heads.hidden_all(n_heads, h, self._future(ids), self.rotary, mask, cache, batched)
+        return self.heads.hidden_all(n_heads, h, self._future(ids), self.rotary, mask, cache, batched,
+                                     outputs_at)
 
     def attention_mask(self, ids: torch.Tensor, cache: KVCache | None = None,
                        key_mask: torch.Tensor | None = None,

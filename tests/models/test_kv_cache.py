@@ -84,3 +84,32 @@ def test_ragged_writes_land_at_each_rows_length_and_rollback_per_row():
         cache.length
     with pytest.raises(ValueError, match="holds 8 positions"):
         cache.update(0, torch.zeros(3, 1, 2, 2), torch.zeros(3, 1, 2, 2))
+
+
+@pytest.mark.parametrize("case", [*CASES, "two-layer-heads"])
+def test_outputs_at_one_position_per_row_equal_the_full_forward_and_fill_the_same_cache(case):
+    """A prefill that reads one position per row (the engine's) gets the heads' states there and
+    leaves the cache exactly as the full forward does: the next step's logits agree."""
+    config = dict(mtp="parallel", n_future=3, head_layers=2) if case == "two-layer-heads" else CASES[case]
+    model = build(**config)
+    rows, n_heads = prompts(), heads_for(model)
+    width = max(LENGTHS)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, x in enumerate(rows):
+        ids[r, :x.size(1)] = x[0]  # right-padded: what follows a row's end is never read
+    last = torch.tensor([n - 1 for n in LENGTHS])
+    step = torch.randint(0, 61, (len(rows), 2), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full_cache, kept_cache = model.new_cache(batch=len(rows)), model.new_cache(batch=len(rows))
+        full = model.hidden_states(ids, full_cache, n_heads, with_trunk=True)
+        kept = model.hidden_states(ids, kept_cache, n_heads, with_trunk=True, outputs_at=last)
+        for k in range(n_heads):
+            assert kept[k].shape == (len(rows), 1, full[k].size(-1))
+            assert (kept[k][:, 0] - full[k][torch.arange(len(rows)), last]).abs().max() < 1e-5, (case, k)
+        assert torch.equal(kept[-1], full[-1])  # the trunk's output stays whole
+        for cache in (full_cache, kept_cache):
+            cache.lengths = list(LENGTHS)
+        after_full = model(step, full_cache, n_heads=n_heads)
+        after_kept = model(step, kept_cache, n_heads=n_heads)
+    for a, b in zip(after_full, after_kept):
+        assert (a - b).abs().max() < 1e-5, case
