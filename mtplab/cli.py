@@ -9,6 +9,7 @@ import argparse
 import signal
 import sys
 
+from . import __version__
 from .errors import MtplabError
 
 
@@ -20,12 +21,19 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _add_think_loops(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--think-loops", type=int, default=None, metavar="N",
+                   help="looped trunks: run the shared layers N times (same weights; default: as trained)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtplab", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mtplab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model from a TOML recipe")
-    p.add_argument("--recipe", required=True, help="TOML recipe, e.g. recipes/tiny.toml")
+    p.add_argument("--recipe", required=True,
+                   help="a TOML file or a packaged recipe's name (`mtplab recipes` lists them), e.g. tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe value (repeatable), e.g. --set train.steps=200")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -50,12 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-draft", type=int, default=None, help="draft tokens per step (<= heads - 1)")
     p.add_argument("--show-drafts", action="store_true",
                    help="mark accepted draft tokens and print speculation stats")
+    _add_think_loops(p)
     _add_sampling(p)
 
     p = sub.add_parser("chat", help="talk to a checkpoint in the terminal (streams the answer)")
     p.add_argument("checkpoint")
     p.add_argument("--device", default="cpu")
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None)
+    _add_think_loops(p)
     _add_sampling(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible API and a chat page that shows drafted tokens")
@@ -68,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoded together in one batch (1: one forward per request in turn)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--think-loops", type=int, default=None, metavar="N",
+                   help="looped trunks: the default think loops (a request may set its own: think_loops)")
 
     p = sub.add_parser("bench", help="decode the same prompts plain and speculative; compare speed")
     p.add_argument("checkpoint")
@@ -77,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-draft", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None,
                    help="also decode the prompts N rows at a time, plain and speculative (throughput)")
+    p.add_argument("--think-loops", default=None, metavar="N[,N...]",
+                   help="looped trunks: compare these think-loop counts side by side instead (FLOPs, "
+                        "tokens/s plain and speculative)")
+    p.add_argument("--data", default=None, help="with --think-loops: also the held-out loss on this "
+                                                "file at each count (as `mtplab eval --task loss`)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("eval", help="score a checkpoint: GSM8K exact match, loss per head, perplexity")
@@ -93,12 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("info", help="architecture summary: parameters by part, FLOPs per token")
-    p.add_argument("source", help="a recipe (.toml) or a checkpoint directory")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("source", help="a recipe (a .toml file or a packaged recipe's name) or a checkpoint directory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value (a checkpoint: model.* only, e.g. model.n_think_loops=4)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("recipes", help="the packaged recipes: what each reproduces, parameters, how to train it")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+
     p = sub.add_parser("ablate", help="seed 002's nine-run table: TST x MTP heads, reset, cosine")
-    p.add_argument("recipe", help="TOML recipe, e.g. recipes/aomts-ablation.toml")
+    p.add_argument("recipe", help="a TOML file or a packaged recipe's name, e.g. aomts-ablation")
     p.add_argument("--out", required=True, help="directory: one run per row, ablation.md/.json, plot")
     p.add_argument("--steps", type=int, default=None, help="steps per row (default: the recipe's)")
     p.add_argument("--rows", default=None, help="comma-separated row names (default: all nine)")
@@ -167,6 +188,26 @@ def cmd_train(args) -> None:
 def check_batch_size(value: int | None) -> None:
     if value is not None and value < 1:
         raise MtplabError(f"--batch-size must be >= 1, got {value}")
+
+
+def set_think_loops(model, loops: int | None, checkpoint: str) -> None:
+    """--think-loops: a looped trunk runs its shared layers `loops` times; the weights stay."""
+    from .config import check_think_loops
+
+    if loops is not None:
+        check_think_loops(model.config, loops, checkpoint)
+        model.n_think_loops = loops
+
+
+def parse_loop_counts(text: str) -> list[int]:
+    """bench's `--think-loops 1,2,4` -> [1, 2, 4]."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise MtplabError(f"--think-loops expects N or N,N,... (whole numbers), got {text!r}") from None
+    if len(set(counts)) != len(counts):
+        raise MtplabError(f"--think-loops lists a count twice: {text!r}")
+    return counts
 
 
 def load_prompt_file(path: str, tokenizer, chat: bool) -> tuple[list[str], list[list[int]]]:
@@ -246,6 +287,7 @@ def cmd_generate(args) -> None:
         raise MtplabError("--out goes with --prompts (a single --prompt prints its text)")
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     model, tokenizer = load_model(args.checkpoint, args.device)
+    set_think_loops(model, args.think_loops, args.checkpoint)
     if args.prompts is not None:
         return generate_many(args, model, tokenizer, params)
     text = tokenizer.chat_prompt(args.prompt) if args.chat else args.prompt
@@ -273,6 +315,7 @@ def cmd_chat(args) -> None:
     from .interop.checkpoint import load_model
 
     model, tokenizer = load_model(args.checkpoint, args.device)
+    set_think_loops(model, args.think_loops, args.checkpoint)
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     run_chat(model, tokenizer, params=params, max_new_tokens=args.max_new_tokens,
              speculative=args.speculative)
@@ -282,7 +325,7 @@ def cmd_serve(args) -> None:
     from .serve.server import serve
 
     serve(args.checkpoint, args.host, args.port, args.api_key, args.model_name, args.max_queue,
-          args.max_batch, args.device)
+          args.max_batch, args.device, think_loops=args.think_loops)
 
 
 def read_prompts(path: str | None, tokenizer, chat: bool) -> list[list[int]]:
@@ -312,6 +355,10 @@ def cmd_bench(args) -> None:
 
     check_batch_size(args.batch_size)
     model, tokenizer = load_model(args.checkpoint)
+    if args.think_loops is not None:
+        return bench_think_loops(args, model, tokenizer)
+    if args.data is not None:
+        raise MtplabError("--data goes with --think-loops (the loss at each count)")
     if model.config.arch == "monostep":
         raise MtplabError(f"{args.checkpoint} is a Monostep model: it decodes in blocks, with nothing "
                           "to compare speculation against")
@@ -324,6 +371,29 @@ def cmd_bench(args) -> None:
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
     else:
         print(format_bench(result))
+
+
+def bench_think_loops(args, model, tokenizer) -> None:
+    """`bench --think-loops 1,2,4 [--data FILE]`: the loop counts side by side."""
+    import json
+
+    from .config import check_think_loops
+    from .evaluation.tasks import evaluate_task
+    from .evaluation.think_loops import compare_think_loops, format_think_loops
+
+    counts = parse_loop_counts(args.think_loops)
+    for loops in counts:
+        check_think_loops(model.config, loops, args.checkpoint)
+    if args.batch_size is not None:
+        raise MtplabError("--batch-size does not go with --think-loops (its rows decode one at a time)")
+
+    def loss(m) -> float:  # head 0's (next-token) mean cross-entropy, nats/token
+        return evaluate_task(m, tokenizer, "loss", args.data)[0]["head_losses"][0]
+
+    result = compare_think_loops(model, read_prompts(args.prompts, tokenizer, args.chat), counts,
+                                 args.max_new_tokens, tokenizer.eos_id, args.n_draft,
+                                 loss if args.data is not None else None)
+    print(json.dumps(result) if args.json else format_think_loops(result))
 
 
 def cmd_eval(args) -> None:
@@ -346,19 +416,56 @@ def cmd_info(args) -> None:
     import json
     from pathlib import Path
 
-    from .config import load_config, model_config_from_dict
+    from .config import load_config, model_config_from_dict, parse_override
     from .interop.checkpoint import read_config
     from .models.summary import format_summary, summarize
     from .training.trainer import resolve_vocab
 
     if Path(args.source).is_dir():
-        config = model_config_from_dict(read_config(args.source)["model"])
+        raw = read_config(args.source)["model"]
+        for text in args.overrides:  # e.g. model.n_think_loops=4: what more think loops cost
+            (section, key), value = parse_override(text)
+            if section != "model":
+                raise MtplabError(f"--set {text}: a checkpoint's summary takes model.* settings only")
+            raw[key] = value
+        config = model_config_from_dict(raw, f"{args.source}/config.json")
     else:
         recipe = load_config(args.source, args.overrides)
         resolve_vocab(recipe, recipe.tokenizer.vocab_size)  # as training sizes it from the tokenizer
         config = recipe.model
     summary = summarize(config)
-    print(json.dumps(summary) if args.json else format_summary(summary, config))
+    print(json.dumps({"mtplab_version": __version__, **summary}) if args.json
+          else format_summary(summary, config))
+
+
+# What trains a packaged recipe, where it is not `mtplab train --recipe NAME --out runs/NAME`.
+TRAIN_COMMANDS = {"demo": "mtplab demo",  # trains demo.toml, then evaluates it
+                  "aomts-ablation": "mtplab ablate aomts-ablation --out runs/ablation"}  # nine runs
+
+
+def cmd_recipes(args) -> None:
+    import json
+
+    from .config import load_config, packaged_recipes, recipe_summary
+    from .models.summary import summarize
+    from .training.trainer import resolve_vocab
+
+    rows = []
+    for name, path in packaged_recipes().items():
+        recipe = load_config(path)
+        resolve_vocab(recipe, recipe.tokenizer.vocab_size)  # as `mtplab info` sizes it
+        rows.append({"name": name, "what": recipe_summary(path),
+                     "parameters": summarize(recipe.model)["parameters"],
+                     "train": TRAIN_COMMANDS.get(name, f"mtplab train --recipe {name} --out runs/{name}"),
+                     "path": str(path)})
+    if args.json:
+        print(json.dumps(rows))
+        return
+    name_w = max(len(r["name"]) for r in rows)
+    train_w = max(len(r["train"]) for r in rows)
+    print(f"{'recipe':<{name_w}}  {'parameters':>11}  {'train it with':<{train_w}}  what it is")
+    for r in rows:
+        print(f"{r['name']:<{name_w}}  {r['parameters']:>11,}  {r['train']:<{train_w}}  {r['what']}")
 
 
 def cmd_ablate(args) -> None:
@@ -409,8 +516,8 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
-            "bench": cmd_bench, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
-            "ablate": cmd_ablate, "export-hf": cmd_export_hf,
+            "bench": cmd_bench, "eval": cmd_eval, "info": cmd_info, "recipes": cmd_recipes,
+            "demo": cmd_demo, "ablate": cmd_ablate, "export-hf": cmd_export_hf,
             "export": cmd_export, "convert": cmd_convert}
 
 

@@ -326,14 +326,55 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+# The recipes shipped inside the package (the repository's recipes/ is a link to this folder), so
+# that an installed mtplab finds them by name from any directory.
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def packaged_recipes() -> dict[str, Path]:
+    """Name -> file of every packaged recipe, sorted by name."""
+    return {path.stem: path for path in sorted(RECIPES.glob("*.toml"), key=lambda p: p.stem)}
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    """The recipe file `recipe` names: a path to a file wins; else a bare name (`tiny` or
+    `tiny.toml`) is a packaged recipe. Anything else is an error that lists the packaged names."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    packaged = packaged_recipes()
+    name = path.name.removesuffix(".toml")
+    if path.parent == Path(".") and name in packaged:
+        return packaged[name]
+    raise MtplabError(f"recipe not found: {recipe} (neither a file nor a packaged recipe; "
+                      f"packaged recipes: {', '.join(packaged) or 'none'})")
+
+
+def recipe_summary(path: Path) -> str:
+    """What a recipe is: its first comment line (every packaged recipe opens with one)."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            return line.strip().removeprefix("#").strip() if line.lstrip().startswith("#") else ""
+    return ""
+
+
+def check_think_loops(config: ModelConfig, loops: int, model: str) -> None:
+    """Refuse a think-loop count at inference that would do nothing or cannot run: only a looped
+    trunk (model.loop_layers > 0) has a shared group to repeat."""
+    if not config.loop_layers:
+        raise MtplabError(f"{model} has no looped layers (model.loop_layers = 0): think loops need a "
+                          "looped trunk, e.g. one trained from recipe nrm-miniaxion-tiny")
+    if loops < 1:
+        raise MtplabError(f"think loops must be at least 1, got {loops}")
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a TOML recipe (or start from defaults) and apply `section.key=value` overrides."""
+    """Read a TOML recipe (a file, or a packaged recipe by name; or start from defaults) and apply
+    `section.key=value` overrides."""
     raw: dict[str, Any] = {}
     where = "defaults"
     if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise MtplabError(f"recipe not found: {path}")
+        path = find_recipe(recipe)
         try:
             raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -353,4 +394,5 @@ def model_config_from_dict(raw: dict[str, Any], where: str = "config.json") -> M
 
 
 __all__ = ["Config", "ModelConfig", "TokenizerConfig", "DataConfig", "TrainConfig",
-           "load_config", "parse_override", "model_config_from_dict"]
+           "load_config", "parse_override", "model_config_from_dict", "packaged_recipes", "find_recipe",
+           "recipe_summary", "check_think_loops"]

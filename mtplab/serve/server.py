@@ -1,5 +1,7 @@
 """Run the app with uvicorn on a socket we bind ourselves, so that a port in use or a bad host is
-one clear error before the model loads, not a log line from inside uvicorn."""
+one clear error before the model loads, not a log line from inside uvicorn. uvicorn enforces the
+HTTP layer's limits (limits.py); on Ctrl-C / SIGTERM new requests get a 503 at once and those still
+running end within GRACE_S seconds."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import socket
 from pathlib import Path
 
 from ..errors import MtplabError
+from .limits import Limits
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -28,13 +31,19 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+GRACE_S = 3  # seconds that running requests have to end once the server is told to stop
+
+
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_queue: int = 64, max_batch: int = 16,
-          device: str = "cpu", log_level: str = "info") -> None:
+          device: str = "cpu", log_level: str = "info",
+          limits: Limits = Limits(), think_loops: int | None = None) -> None:
     import uvicorn
 
+    from ..config import check_think_loops
     from ..interop.checkpoint import load_model
     from .app import create_app
+    from .limits import uvicorn_config
 
     if max_batch < 1:
         raise MtplabError(f"--max-batch must be >= 1, got {max_batch}")
@@ -45,13 +54,21 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     sock = bind(host, port)
     try:
         model, tokenizer = load_model(checkpoint, device)
+        if think_loops is not None:  # the default of requests that set no think_loops of their own
+            check_think_loops(model.config, think_loops, checkpoint)
+            model.n_think_loops = think_loops
         name = model_name or Path(checkpoint).resolve().name
-        app = create_app(model, tokenizer, name, api_key, max_queue, max_batch)
+        app = create_app(model, tokenizer, name, api_key, max_queue, max_batch, limits=limits)
         shown = f"[{host}]" if ":" in host else host
         print(f"mtplab serve: model {name!r} ({model.num_parameters() / 1e6:.1f}M parameters, "
             f"{model.n_future} head(s)) at http://{shown}:{sock.getsockname()[1]}/ "
             f"(chat page at /, OpenAI API at /v1){'; API key required' if api_key else ''}", flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3))
+        class Draining(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                app.state.drain(GRACE_S - 1)  # the worker stops a second before uvicorn gives up
+                super().handle_exit(sig, frame)
+
+        server = Draining(uvicorn_config(app, limits, log_level=log_level, timeout_graceful_shutdown=GRACE_S))
         server.run(sockets=[sock])
         if server.started:  # uvicorn took the Ctrl-C/SIGTERM itself; end like every stopped command
             raise KeyboardInterrupt
