@@ -77,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", "--max-active", dest="max_batch", type=int, default=16,
                    help="requests decoded together in one batch (1: one forward per request in turn)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429")
+    # what one client may cost (mtplab/serve/limits.py); the defaults protect a laptop
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (1 MiB)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longer prompts get 400 (default: the context window less one)")
+    p.add_argument("--header-timeout", type=float, default=5.0,
+                   help="seconds a client has to send a request's headers, then 408 and closed")
+    p.add_argument("--body-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's body, then 408 and closed")
+    p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle connection stays open")
+    p.add_argument("--max-connections", type=int, default=256, help="open connections; more get 503")
     p.add_argument("--device", default="cpu")
     p.add_argument("--think-loops", type=int, default=None, metavar="N",
                    help="looped trunks: the default think loops (a request may set its own: think_loops)")
@@ -322,10 +332,17 @@ def cmd_chat(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from .serve.limits import Limits
     from .serve.server import serve
 
+    try:
+        limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.header_timeout, args.body_timeout,
+                        args.keep_alive, args.max_connections)
+    except ValueError as exc:  # "max_body_bytes must be > 0, got 0" -> the flag's name
+        raise MtplabError("--" + str(exc).replace("_", "-")) from None
+
     serve(args.checkpoint, args.host, args.port, args.api_key, args.model_name, args.max_queue,
-          args.max_batch, args.device, think_loops=args.think_loops)
+          args.max_batch, args.device, limits=limits, think_loops=args.think_loops)
 
 
 def read_prompts(path: str | None, tokenizer, chat: bool) -> list[list[int]]:

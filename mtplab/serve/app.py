@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,22 +34,31 @@ from ..inference.decode import decode
 from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
 from ..models.transformer import Transformer
+from .limits import Limits, ReadBody
 from .schemas import ChatRequest, CompletionRequest, _Sampling
 from .streaming import EngineJob, Piece, stream_pieces
-from .worker import QueueFull, Ticket, Worker
+from .worker import QueueFull, Ticket, Unavailable, Worker
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = frozenset(p.name for p in STATIC.iterdir() if p.is_file())  # what /static/ serves, by name
 log = logging.getLogger("mtplab.serve")
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+RETRY_AFTER_S = 5  # what a 503 (shutting down, the worker died) asks the client to wait
 MIN_TEMPERATURE, MIN_TOP_P = 1e-5, 1e-6  # below: greedy, resp. the top token only (see plan())
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    @classmethod
+    def unavailable(cls, reason: str) -> APIError:
+        """503: the server is shutting down or its model worker has died; the client may retry."""
+        return cls(503, reason, type="server_error", code="unavailable",
+                   headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -147,13 +157,15 @@ def sse(data: Any) -> str:
 
 def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None = None,
                max_queue: int = 64, max_batch: int = 16, decode_fn: Callable[..., Iterator] | None = None,
-               engine_fn: Callable[..., Engine] = Engine) -> FastAPI:
+               engine_fn: Callable[..., Engine] = Engine, limits: Limits = Limits()) -> FastAPI:
     """An app serving one model, decoding up to `max_batch` requests together with `max_queue`
     more waiting. A Transformer's requests share one `engine_fn(model, max_batch=, n_draft=)`
     (tests slow it down to press stop mid-answer). `decode_fn`, with
     `mtplab.inference.decode.decode`'s signature, decodes each request on its own instead, in turn
-    (a Monostep model always does, with `decode`)."""
+    (a Monostep model always does, with `decode`). `limits`: the body size and read deadline, the
+    longest prompt (limits.py; the HTTP layer's own are `limits.uvicorn_config`'s)."""
     window = model.config.max_seq_len
+    max_prompt = min(limits.max_prompt_tokens or window - 1, window - 1)
     vocab = model.config.vocab_size
     block_model = model.config.arch == "monostep"  # seed 000: one block of slots per forward
     batched = decode_fn is None and isinstance(model, Transformer)  # else one request at a time
@@ -181,7 +193,7 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
     # -- errors, all in OpenAI's shape -----------------------------------------------------------
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -199,16 +211,31 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
                    else str(exc.detail))
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
+    app.add_middleware(ReadBody, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)
     if api_key is not None:
-        app.add_middleware(RequireKey, key=api_key)
+        app.add_middleware(RequireKey, key=api_key)  # before the body is read
     app.add_middleware(Guard)  # outermost: catches what the handlers let through
     router = APIRouter()
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         w = worker()
-        return {"status": "ok", "model": model_name, "running": len(w.active), "waiting": len(w.waiting),
-                "finished": w.finished, "cancelled": w.cancelled, "max_batch": w.max_batch}
+        out = {"status": "ok", "model": model_name, "running": len(w.active), "waiting": len(w.waiting),
+               "finished": w.finished, "cancelled": w.cancelled, "max_batch": w.max_batch}
+        if w.unavailable:  # shutting down, or the worker died: a load balancer should look elsewhere
+            return JSONResponse({**out, "status": "unavailable", "reason": w.unavailable}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        return out
+
+    def drain(grace: float = 2.0) -> None:
+        """Shutting down: new requests get a 503 now; after `grace` seconds the worker stops, and
+        what still runs ends (a 503, or an error event in a stream) before the server closes."""
+        w = worker()
+        w.unavailable = w.unavailable or "the server is shutting down"
+        timer = threading.Timer(grace, w.stop)
+        timer.daemon = True
+        timer.start()
+    app.state.drain = drain  # server.py calls it on Ctrl-C / SIGTERM
 
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "mtplab",
             "mtplab": {"context_length": window, "heads": model.n_future,
@@ -248,6 +275,9 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
             raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {window} "
                            f"tokens, so at most {window - 1} fit with room for an answer",
                            param="prompt", code="context_length_exceeded")
+        if len(prompt) > max_prompt:
+            raise APIError(400, f"the prompt is {len(prompt)} tokens; this server takes at most {max_prompt}",
+                           param="prompt", code="prompt_too_long")
         room = window - len(prompt)
         if max_tokens is None:
             max_tokens = room
@@ -292,6 +322,8 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
         except QueueFull as exc:
             raise APIError(429, f"the server is busy: {exc}", type="rate_limit_error",
                            code="queue_full") from None
+        except Unavailable as exc:
+            raise APIError.unavailable(str(exc)) from None
 
     async def respond(request: Request, body: _Sampling, prompt: list[int], max_tokens: int | None,
                       chat: bool):
@@ -425,6 +457,8 @@ async def _collect(request: Request, ticket: Ticket) -> list[Piece] | None:
                     break
             try:
                 item = get.result()
+            except Unavailable as exc:
+                raise APIError.unavailable(str(exc)) from None
             except MtplabError as exc:
                 raise APIError(400, str(exc)) from None
             if item is Ticket.END:

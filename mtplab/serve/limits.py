@@ -1,0 +1,160 @@
+"""What one client may cost the server: body size, prompt length, read deadlines, connections.
+
+The HTTP layer is uvicorn's h11 protocol; what it lacks is added here, the rest is its own settings:
+
+- headers: `header_timeout` seconds from a connection's first byte (or its opening, or the end of
+  the previous answer once the client sends again) to the end of the request's headers, else a 408
+  and the connection closes (a silent or slow client, slowloris); `max_header_bytes` is h11's
+  limit on the request line and headers (beyond it: 400). uvicorn has a keep-alive timeout but no
+  deadline on headers, so `http_protocol` adds one.
+- body: `ReadBody`, an ASGI layer, reads the whole body before the app sees it: a
+  `Content-Length` over `max_body_bytes` is a 413 at once, a chunked body is a 413 as soon as
+  that much has come (never more is read), and a body not complete `body_timeout` seconds after
+  its headers is a 408. Each closes the connection (`Connection: close`): the rest of the body is
+  never read.
+- `keep_alive` (idle seconds between requests) and `max_connections` (beyond it uvicorn answers
+  503) are uvicorn's `timeout_keep_alive` and `limit_concurrency`.
+- `max_prompt_tokens` (None: the context window less one) is checked by the app (400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 1 << 20  # 1 MiB: some 250k tokens of text, far beyond any context here
+    max_prompt_tokens: int | None = None  # None: the model's context window less one
+    header_timeout: float = 5.0  # seconds to send the request line and headers
+    body_timeout: float = 10.0  # seconds to send the body, after the headers
+    keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 256  # open connections (and requests in flight) before uvicorn's 503
+    max_header_bytes: int = 16 << 10  # request line + headers (h11's default)
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "header_timeout", "body_timeout", "keep_alive", "max_connections",
+                     "max_header_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+
+
+def _json_bytes(status: int, message: str, code: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
+
+
+async def _reject(send, status: int, message: str, code: str) -> None:
+    body = _json_bytes(status, message, code)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ReadBody:
+    """ASGI: the request's body, read within `max_bytes` and `timeout` seconds, is handed to the
+    app in one message; later `receive` calls (a disconnect) go to the server as usual."""
+
+    def __init__(self, app, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = (f"the request body is over this server's limit of {self.max_bytes} bytes",
+                   "request_too_large")
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:  # h11 has checked its syntax
+            await _reject(send, 413, *too_big)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        chunks, size = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:  # TimeoutError from Python 3.11 on
+                await _reject(send, 408, f"the request body did not arrive within {self.timeout:g} s",
+                              "request_timeout")
+                return
+            if message["type"] == "http.disconnect":
+                return  # the client left before its request was complete: nobody to answer
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await _reject(send, 413, *too_big)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        whole: dict[str, Any] | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        del chunks
+
+        async def replay():
+            nonlocal whole
+            if whole is None:
+                return await receive()
+            message, whole = whole, None
+            return message
+
+        await self.app(scope, replay, send)
+
+
+def http_protocol(header_timeout: float):
+    """uvicorn's h11 protocol with a deadline on each request's line and headers (see above)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class DeadlineH11Protocol(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self.header_timer is None:
+                self.header_timer = self.loop.call_later(header_timeout, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _too_slow(self) -> None:
+            self.header_timer = None
+            if self.transport.is_closing():
+                return
+            body = _json_bytes(408, f"the request's headers did not arrive within {header_timeout:g} s",
+                               "request_timeout")
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # between requests: a new one begins
+                self._arm()
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle:  # its headers are complete: the request runs
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return DeadlineH11Protocol
+
+
+def uvicorn_config(app, limits: Limits = Limits(), **options):
+    """A `uvicorn.Config` for `app` that enforces `limits` at the HTTP layer."""
+    import uvicorn
+
+    return uvicorn.Config(app, http=http_protocol(limits.header_timeout), timeout_keep_alive=limits.keep_alive,
+                          limit_concurrency=limits.max_connections,
+                          h11_max_incomplete_event_size=limits.max_header_bytes, **options)
