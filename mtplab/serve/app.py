@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..config import check_think_loops
 from ..errors import MtplabError
 from ..inference.decode import decode
 from ..inference.engine import Engine
@@ -175,9 +176,14 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
 
     def worker() -> Worker:
         if state["worker"] is None:  # made on first use, so that an app without lifespan works too
-            def engine():  # on the worker thread, once: its KV cache holds max_batch rows
-                return engine_fn(model, max_batch=max_batch, n_draft=model.n_future - 1)
-            state["worker"] = Worker(max_queue, max_batch, engine if batched else None)
+            def engine(think_loops: int):  # on the worker thread, per count in use: max_batch rows
+                default, model.n_think_loops = model.n_think_loops, think_loops
+                try:  # the engine's KV cache is laid out for this count and keeps it
+                    return engine_fn(model, max_batch=max_batch, n_draft=model.n_future - 1)
+                finally:
+                    model.n_think_loops = default
+            state["worker"] = (Worker(max_queue, max_batch, engine, model.n_think_loops) if batched
+                               else Worker(max_queue, max_batch))
         return state["worker"]
 
     @asynccontextmanager
@@ -293,6 +299,14 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
         if block_model and (body.speculative or body.n_draft):
             raise APIError(400, "this is a Monostep model: it decodes in blocks of "
                            f"{model.n_future} tokens, without speculation", param="speculative")
+        if body.think_loops is not None:  # mtplab extension: this request's think loops
+            try:
+                check_think_loops(model.config, body.think_loops, f"the model {model_name!r}")
+            except MtplabError as exc:
+                raise APIError(400, str(exc), param="think_loops") from None
+            if not batched and body.think_loops != model.n_think_loops:
+                raise APIError(400, f"this server decodes requests one at a time at "
+                               f"{model.n_think_loops} think loops", param="think_loops")
         if body.n_draft is not None and body.n_draft > model.n_future - 1:
             raise APIError(400, f"n_draft must be between 0 and {model.n_future - 1} (the model has "
                            f"{model.n_future} heads)", param="n_draft")
@@ -316,9 +330,9 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
                                  body.n_draft, stops, decode_fn)
         return start, max_tokens
 
-    def submit(work) -> Ticket:
+    def submit(work, think_loops: int | None = None) -> Ticket:
         try:
-            return worker().submit_job(work) if batched else worker().submit(work)
+            return worker().submit_job(work, think_loops) if batched else worker().submit(work)
         except QueueFull as exc:
             raise APIError(429, f"the server is busy: {exc}", type="rate_limit_error",
                            code="queue_full") from None
@@ -328,7 +342,7 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
     async def respond(request: Request, body: _Sampling, prompt: list[int], max_tokens: int | None,
                       chat: bool):
         work, max_tokens = plan(body, prompt, max_tokens)
-        ticket = submit(work)
+        ticket = submit(work, body.think_loops)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name}

@@ -31,6 +31,9 @@ class _Sampling(BaseModel):
     # mtplab extensions: speculation on/off (default: on when the model has heads) and its width
     speculative: bool | None = None
     n_draft: int | None = Field(None, ge=0)
+    # looped trunks: this request's think loops (default: the server's); each count in use keeps a
+    # KV cache of its own, hence the bound
+    think_loops: int | None = Field(None, ge=1, le=32)
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
