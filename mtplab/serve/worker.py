@@ -4,13 +4,15 @@ PyTorch work never runs on the event loop, so a long generation cannot stall oth
 `/health`). Requests wait in a bounded queue; `submit` refuses one beyond the limit at once, which
 the app answers with 429. Up to `max_batch` requests decode together:
 
-- jobs (`submit_job`, a Transformer's requests) are rows of one batched engine
-  (inference/engine.py), made once on the worker thread. The thread runs `engine.step()` while
-  there is work: a request taken from the queue joins the running batch at the next step boundary
+- jobs (`submit_job`, a Transformer's requests) are rows of a batched engine
+  (inference/engine.py), made on the worker thread: one per think-loop count in use, since a looped
+  trunk's KV cache is laid out for one count (the default count's engine stays; another count's is
+  made for the first request that asks for it and freed when its last row leaves). The thread runs
+  each engine's `step()` while it has work: a request taken from the queue joins the running batch at the next step boundary
   (its prompt is prefilled in that step while the others decode), every step is one forward for
   all rows, and a request that finished, reached a stop string or was cancelled leaves at once
   (its cache row is free before the next forward). If a step fails, every request in the batch
-  gets the error and the next request starts in a fresh engine.
+  gets the error and the next request (of that count) starts in a fresh engine.
 - decoders (`submit`: an iterator factory, e.g. a Monostep model's batch-1 block decoder) take
   turns, one event (one forward) each in round-robin.
 
@@ -69,8 +71,9 @@ class Ticket:
     END = _END  # the item after the last one
 
     def __init__(self, start: Callable[[], Iterator[Any]] | None, loop: asyncio.AbstractEventLoop,
-                 job: Job | None = None):
+                 job: Job | None = None, think_loops: int = 1):
         self.start, self.job = start, job
+        self.think_loops = think_loops  # a job's: the engine it is a row of
         self.loop = loop
         self.items: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -99,14 +102,17 @@ class Ticket:
 
 
 class Worker:
-    """`engine`: makes the batched engine (called once, on the worker thread, for the first job)."""
+    """`engine(think_loops)`: makes a batched engine whose KV cache is laid out for that many think
+    loops (called on the worker thread, for the first job of each count); `think_loops`: the count of
+    jobs submitted without one."""
 
-    def __init__(self, max_queue: int = 64, max_batch: int = 16, engine: Callable[[], Any] | None = None):
+    def __init__(self, max_queue: int = 64, max_batch: int = 16,
+                 engine: Callable[[int], Any] | None = None, think_loops: int = 1):
         if max_queue < 0 or max_batch < 1:
             raise ValueError("max_queue must be >= 0 and max_batch >= 1")
         self.max_queue, self.max_batch = max_queue, max_batch
-        self.make_engine = engine
-        self.engine = None  # worker thread only
+        self.make_engine, self.think_loops = engine, think_loops
+        self.engines: dict[int, Any] = {}  # think loops -> its engine; worker thread only
         self.waiting: deque[Ticket] = deque()
         self.active: dict[Ticket, Any] = {}  # -> its iterator or engine row (None until started)
         self.finished = self.cancelled = 0  # requests done or dropped, for /health and tests
@@ -120,11 +126,13 @@ class Worker:
         """Queue a decoder (call on the event loop); raises QueueFull when every place is taken."""
         return self._queue(Ticket(start, asyncio.get_running_loop()))
 
-    def submit_job(self, job: Job) -> Ticket:
-        """Queue a request for the batched engine; raises QueueFull when every place is taken."""
+    def submit_job(self, job: Job, think_loops: int | None = None) -> Ticket:
+        """Queue a request for the batched engine of `think_loops` (None: the worker's default);
+        raises QueueFull when every place is taken."""
         if self.make_engine is None:
             raise ValueError("this worker has no engine")
-        return self._queue(Ticket(None, asyncio.get_running_loop(), job))
+        loops = self.think_loops if think_loops is None else think_loops
+        return self._queue(Ticket(None, asyncio.get_running_loop(), job, loops))
 
     def _queue(self, ticket: Ticket) -> Ticket:
         with self._cond:
@@ -191,8 +199,12 @@ class Worker:
                 if ticket.job is not None:
                     self._admit(ticket)
             jobs = [t for t in turn if t.job is not None]
-            if jobs or (self.engine is not None and self.engine.busy):
-                self._step_engine(jobs)
+            for loops, engine in list(self.engines.items()):  # one forward per engine with work
+                mine = [t for t in jobs if t.think_loops == loops]
+                if mine or engine.busy:
+                    self._step_engine(loops, mine)
+                if loops != self.think_loops and loops in self.engines and not self.engines[loops].busy:
+                    del self.engines[loops]  # its last row left: free that count's KV cache
             for ticket in turn:
                 if ticket.job is None and ticket in self.active:
                     self._step(ticket, self.active[ticket])
@@ -231,9 +243,9 @@ class Worker:
     def _admit(self, ticket: Ticket) -> None:
         """Into the engine's queue: it prefills at the next step, alongside the decoding rows."""
         try:
-            if self.engine is None:
-                self.engine = self.make_engine()
-            row = self.engine.submit(ticket.job.request())
+            if ticket.think_loops not in self.engines:
+                self.engines[ticket.think_loops] = self.make_engine(ticket.think_loops)
+            row = self.engines[ticket.think_loops].submit(ticket.job.request())
         except Exception as exc:  # this request's own problem
             self._fail(ticket, exc)
             self._drop(ticket, None, "finished")
@@ -241,8 +253,9 @@ class Worker:
         with self._cond:
             self.active[ticket] = row
 
-    def _step_engine(self, tickets: list[Ticket]) -> None:
-        engine = self.engine
+    def _step_engine(self, loops: int, tickets: list[Ticket]) -> None:
+        """One step of the engine of `loops` think loops, whose rows `tickets` are."""
+        engine = self.engines[loops]
         live = {}  # row -> ticket
         leaving = []  # (ticket, outcome), counted once their rows are free
         for ticket in tickets:
@@ -261,7 +274,7 @@ class Worker:
             for ticket in live.values():
                 ticket._put(_Failure(exc))
                 leaving.append((ticket, "finished"))
-            self.engine = None
+            del self.engines[loops]
             events = []
             live = {}
         for row, event in events:
@@ -283,7 +296,7 @@ class Worker:
             if last or row.done:
                 leaving.append((ticket, "finished"))
                 del live[row]
-        if not live and self.engine is not None and engine.busy:
+        if not live and loops in self.engines and engine.busy:
             engine.step()  # nobody left: free the stopped rows now, not when the next request comes
         for ticket, outcome in leaving:
             self._drop(ticket, None, outcome)
