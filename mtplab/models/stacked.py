@@ -29,20 +29,30 @@ class StackedBlocks:
         self.mlp_kind = mlp.kind
         self.rms = isinstance(blocks[0].attn_norm, torch.nn.RMSNorm)
         self.eps = blocks[0].attn_norm.eps
+        # (part, the module holding it in each block, its parameter name): looked up at every
+        # call, which costs far less than walking named_parameters() once per decoding step
+        self.parts = []
+        for name in PARTS:
+            path, attr = name.rsplit(".", 1)
+            try:
+                holders = [b.get_submodule(path) for b in blocks]
+            except AttributeError:  # a part this MLP kind does not have
+                continue
+            if getattr(holders[0], attr, None) is not None:
+                self.parts.append((name, holders, attr))
 
     def _weights(self) -> dict[str, torch.Tensor]:
         """Stacked copies, rebuilt whenever a parameter changed: in place (training, loading) or
         its storage (`model.to(device)` swaps `.data` without a new version)."""
-        params = [dict(b.named_parameters()) for b in self.blocks]
-        key = tuple((p.data_ptr(), p._version) for ps in params for p in ps.values())
+        params = [(name, [getattr(h, attr) for h in holders]) for name, holders, attr in self.parts]
+        key = tuple((p.data_ptr(), p._version) for _, ps in params for p in ps)
         if key != self.key:
             self.w = {}
-            for name in PARTS:
-                if name in params[0]:
-                    stacked = torch.stack([ps[name].detach() for ps in params])
-                    # linear weights [n, out, in] -> [n, in, out] for bmm; vectors -> [n, 1, dim]
-                    self.w[name] = stacked.transpose(1, 2).contiguous() if stacked.dim() == 3 \
-                        else stacked.unsqueeze(1)
+            for name, ps in params:
+                stacked = torch.stack([p.detach() for p in ps])
+                # linear weights [n, out, in] -> [n, in, out] for bmm; vectors -> [n, 1, dim]
+                self.w[name] = stacked.transpose(1, 2).contiguous() if stacked.dim() == 3 \
+                    else stacked.unsqueeze(1)
             self.key = key
         return self.w
 
