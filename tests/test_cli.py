@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mtplab.cli import main
 from tests.conftest import TINY
@@ -263,3 +264,138 @@ def test_bench_prints_tau_speedup_and_their_ratio_and_batched_throughput(capsys,
     header = table.splitlines()[0].split()
     assert code == 0 and header[-4:] == ["speed-up", "tau", "up/tau", "same"]
     assert "batch 2: plain" in table and "same tokens as batch 1: true" in table
+
+
+# -- installed use: recipes by name, `mtplab recipes`, --version --------------------------------------
+
+def test_version_flag_and_info_json_carry_the_package_version(capsys):
+    import json
+
+    from mtplab import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"mtplab {__version__}\n"
+    code, text, _ = run_cli(capsys, "info", "nrm-miniaxion", "--json")  # a packaged recipe by name
+    assert code == 0 and json.loads(text)["mtplab_version"] == __version__
+    assert json.loads(text)["parameters"] == 920_833  # the card's count
+
+
+def test_recipes_lists_every_packaged_recipe_with_its_count_and_command(capsys):
+    import json
+
+    from mtplab.config import packaged_recipes, recipe_summary
+
+    code, text, _ = run_cli(capsys, "recipes", "--json")
+    rows = {r["name"]: r for r in json.loads(text)}
+    assert code == 0 and list(rows) == list(packaged_recipes())
+    assert rows["gelu-d12"]["parameters"] == 261_096_338 and rows["aomts-100m"]["parameters"] == 126_401_024
+    assert rows["tiny"]["train"] == "mtplab train --recipe tiny --out runs/tiny"
+    assert rows["demo"]["train"] == "mtplab demo"
+    assert rows["aomts-ablation"]["train"].startswith("mtplab ablate aomts-ablation ")
+    assert rows["nrm-miniaxion"]["what"] == recipe_summary(packaged_recipes()["nrm-miniaxion"])
+    code, info, _ = run_cli(capsys, "info", "slots-gsm8k", "--json")  # the same count as info's
+    assert json.loads(info)["parameters"] == rows["slots-gsm8k"]["parameters"]
+    code, table, _ = run_cli(capsys, "recipes")
+    lines = table.splitlines()
+    assert code == 0 and len(lines) == 1 + len(rows)  # a header, then one line per recipe
+    assert lines[-1].split()[:2] == ["tiny", f"{rows['tiny']['parameters']:,}"]
+    assert "mtplab train --recipe tiny --out runs/tiny" in lines[-1]
+
+
+def test_a_wrong_recipe_name_lists_the_valid_ones(capsys, tmp_path):
+    for argv in (["info", "gelu-d13"], ["train", "--recipe", "gelu-d13", "--out", str(tmp_path / "o")],
+                 ["ablate", "gelu-d13", "--out", str(tmp_path / "a")]):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, "recipe not found: gelu-d13")
+        assert "packaged recipes: aomts-100m, " in err and "gelu-d12, " in err and "tiny" in err
+
+
+# -- think loops at inference -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def looped_run(tiny_run, tmp_path_factory):
+    """A checkpoint with tiny's tokenizer and two heads on a looped trunk (1 entry + 1 shared x 2
+    loops + 1 exit), untrained: random weights make every loop count decode differently."""
+    import dataclasses
+
+    import mtplab
+    from mtplab.interop.checkpoint import save_checkpoint
+    from mtplab.models.transformer import Transformer
+
+    tiny, tokenizer = mtplab.load(tiny_run[0])
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(tiny.config, n_layers=3, loop_layers=1, n_think_loops=2,
+                                            init_std=0.1))
+    out = tmp_path_factory.mktemp("looped") / "run"
+    save_checkpoint(out, model, tokenizer)
+    return out
+
+
+def test_generate_think_loops_change_the_compute_not_the_weights(capsys, looped_run):
+    import json
+
+    import mtplab
+
+    model, tokenizer = mtplab.load(looped_run)
+    prompt = "Ava has 3 apples. Then Ava"
+    texts = {}
+    for loops in (1, 2, 4):
+        model.n_think_loops = loops
+        texts[loops] = mtplab.generate(model, tokenizer, prompt, max_new_tokens=16, speculative=False)
+    assert texts[1] != texts[2] != texts[4]  # the count matters, so the flag can be seen to act
+    for loops in (1, 2, 4):
+        for mode in ("--speculative", "--no-speculative"):  # speculation stays lossless at every count
+            code, out, _ = run_cli(capsys, "generate", str(looped_run), "--prompt", prompt,
+                                   "--max-new-tokens", "16", "--think-loops", str(loops), mode)
+            assert code == 0 and out == texts[loops] + "\n", (loops, mode)
+    code, info2, _ = run_cli(capsys, "info", str(looped_run), "--json")
+    code, info4, _ = run_cli(capsys, "info", str(looped_run), "--json", "--set", "model.n_think_loops=4")
+    code, info1, _ = run_cli(capsys, "info", str(looped_run), "--json", "--set", "model.n_think_loops=1")
+    two, four, one = (json.loads(t) for t in (info2, info4, info1))
+    assert two["parameters"] == four["parameters"]  # no new weights
+    loop_flops = two["flops_per_token_next_token"] - one["flops_per_token_next_token"]  # one shared pass
+    assert four["flops_per_token_next_token"] - one["flops_per_token_next_token"] == 3 * loop_flops
+    code, _, err = run_cli(capsys, "info", str(looped_run), "--set", "train.lr=1")
+    assert_one_line_error(code, err, "model.* settings only")
+
+
+def test_think_loops_errors_name_the_model(capsys, tiny_run, looped_run, tmp_path):
+    out, _ = tiny_run
+    for verb in (["generate", str(out), "--prompt", "x", "--think-loops", "4"],
+                 ["chat", str(out), "--think-loops", "4"], ["bench", str(out), "--think-loops", "1,4"]):
+        code, _, err = run_cli(capsys, *verb)
+        assert_one_line_error(code, err, f"{out} has no looped layers (model.loop_layers = 0)")
+    code, _, err = run_cli(capsys, "generate", str(looped_run), "--prompt", "x", "--think-loops", "0")
+    assert_one_line_error(code, err, "think loops must be at least 1, got 0")
+    for bad, message in (("1,x", "--think-loops expects N or N,N"), ("2,2", "lists a count twice")):
+        code, _, err = run_cli(capsys, "bench", str(looped_run), "--think-loops", bad)
+        assert_one_line_error(code, err, message)
+    code, _, err = run_cli(capsys, "bench", str(looped_run), "--data", str(tmp_path / "c.txt"))
+    assert_one_line_error(code, err, "--data goes with --think-loops")
+
+
+def test_bench_compares_think_loops_side_by_side(capsys, looped_run, tmp_path):
+    import json
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Ava has 3 apples. Then Ava buys 2 more apples.\n" * 10)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Ava has 3 apples.\nBen has\n")
+    code, text, _ = run_cli(capsys, "bench", str(looped_run), "--think-loops", "1,2,4", "--prompts",
+                            str(prompts), "--max-new-tokens", "8", "--data", str(corpus), "--json")
+    result = json.loads(text)
+    rows = {r["think_loops"]: r for r in result["rows"]}
+    assert code == 0 and list(rows) == [1, 2, 4] and result["trained_think_loops"] == 2
+    assert all(r["identical"] and r["plain_tokens_per_s"] > 0 and 1 <= r["tokens_per_forward"] <= 2
+               for r in rows.values())
+    flops = {n: r["flops_per_token"] for n, r in rows.items()}
+    assert flops[4] - flops[2] == 2 * (flops[2] - flops[1])  # each loop costs the same
+    code, loss, _ = run_cli(capsys, "eval", str(looped_run), "--task", "loss", "--data", str(corpus), "--json")
+    assert rows[2]["loss"] == pytest.approx(json.loads(loss)["head_losses"][0])  # the trained count
+    assert len({round(r["loss"], 6) for r in rows.values()}) == 3
+    code, table, _ = run_cli(capsys, "bench", str(looped_run), "--think-loops", "2,4", "--max-new-tokens", "4")
+    lines = table.splitlines()
+    assert code == 0 and lines[1].split() == ["loops", "FLOPs/token", "tokens", "plain", "tok/s", "spec",
+                                              "tok/s", "tau", "same", "loss"]
+    assert [l.split()[0] for l in lines[2:]] == ["2", "4"] and lines[2].split()[-1] == "-"  # no --data

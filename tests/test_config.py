@@ -31,3 +31,40 @@ def test_wrong_types_and_values_are_errors():
 def test_head_weights():
     assert ModelConfig(n_future=4).head_weights == [0.25] * 4
     assert ModelConfig(n_future=3, mtp="sequential", mtp_lambda=0.3).head_weights == pytest.approx([1, 0.15, 0.15])
+
+
+def test_a_recipe_by_name_is_the_packaged_file_and_a_path_wins(tmp_path, monkeypatch):
+    from mtplab.config import RECIPES, find_recipe
+
+    assert TINY.resolve().parent == RECIPES.resolve()  # the repository's recipes/ links to the package's
+    monkeypatch.chdir(tmp_path)  # no recipes/ here: only the package can answer
+    assert find_recipe("tiny") == find_recipe("tiny.toml") == RECIPES / "tiny.toml"
+    assert load_config("tiny") == load_config(TINY)
+    (tmp_path / "tiny").write_text("[model]\nd_model = 32\n")  # a file of that name wins
+    assert load_config("tiny").model.d_model == 32
+    for wrong in ["tinyy", "recipes/tiny.toml", "elsewhere/gelu-d12"]:  # only bare names are looked up
+        with pytest.raises(MtplabError, match=rf"recipe not found: {wrong} .*packaged recipes: .*gelu-d12, "):
+            load_config(wrong)
+
+
+def test_every_packaged_recipe_opens_with_what_it_is():
+    from mtplab.config import packaged_recipes, recipe_summary
+
+    recipes = packaged_recipes()
+    assert {"tiny", "demo", "gelu-d12", "nrm-miniaxion-tiny", "aomts-ablation"} <= set(recipes)
+    assert list(recipes) == sorted(recipes)
+    for name, path in recipes.items():
+        summary = recipe_summary(path)
+        assert 20 <= len(summary) <= 100 and summary.endswith("."), (name, summary)
+        load_config(name)  # and builds a valid config
+
+
+def test_think_loops_need_a_looped_trunk():
+    from mtplab.config import check_think_loops
+
+    looped = ModelConfig(n_layers=4, loop_layers=2, n_think_loops=2)
+    check_think_loops(looped, 6, "runs/x")
+    with pytest.raises(MtplabError, match=r"runs/plain has no looped layers \(model.loop_layers = 0\)"):
+        check_think_loops(ModelConfig(), 2, "runs/plain")
+    with pytest.raises(MtplabError, match="at least 1, got 0"):
+        check_think_loops(looped, 0, "runs/x")
