@@ -28,6 +28,7 @@ class KVCache:
         self.n_loops = n_loops
         self.max_len = max_len
         self.lengths = [0] * batch  # positions filled per row; the next forward writes from here
+        self._where: tuple = (None, None)  # the last ragged write's (lengths, t) and its indices
 
     @property
     def batch(self) -> int:
@@ -50,6 +51,7 @@ class KVCache:
         view = object.__new__(KVCache)
         view.k, view.v, view.ids = self.k[:, start:stop], self.v[:, start:stop], self.ids[start:stop]
         view.n_loops, view.max_len, view.lengths = self.n_loops, self.max_len, self.lengths[start:stop]
+        view._where = (None, None)
         return view
 
     def copy_row(self, src: int, dst: int) -> None:
@@ -67,10 +69,13 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
         if self.uniform:
             return None
-        device = self.ids.device
-        slots = torch.tensor(self.lengths, device=device)[:, None] + torch.arange(t, device=device)
-        rows = torch.arange(self.batch, device=device)[:, None].expand_as(slots)
-        return rows, slots
+        key = (tuple(self.lengths), t)  # every layer of one forward writes at the same slots
+        if self._where[0] != key:
+            device = self.ids.device
+            slots = torch.tensor(self.lengths, device=device)[:, None] + torch.arange(t, device=device)
+            rows = torch.arange(self.batch, device=device)[:, None].expand_as(slots)
+            self._where = (key, (rows, slots))
+        return self._where[1]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, Hkv, T, hd] at each row's length; return every row's keys/values up to

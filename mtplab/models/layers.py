@@ -66,9 +66,12 @@ class Rotary(nn.Module):
         # x: [B, H, T, hd], or [n*B, H, T, hd] for n stacked heads over the same rows
         if mask.positions is None:
             cos, sin = self._tables(mask.start, x.size(2), x.dtype)
-        else:  # a position per row: [B, 1, T, hd] tables
-            positions = mask.positions.clamp(0, self.cos.size(0) - 1)  # pads' slots lie outside
-            cos, sin = self.cos[positions].unsqueeze(1).to(x.dtype), self.sin[positions].unsqueeze(1).to(x.dtype)
+        else:  # a position per row: [B, 1, T, hd] tables, gathered once per mask and dtype
+            if mask._rotary[0] != x.dtype:
+                positions = mask.positions.clamp(0, self.cos.size(0) - 1)  # pads' slots lie outside
+                mask._rotary = (x.dtype, self.cos[positions].unsqueeze(1).to(x.dtype),
+                                self.sin[positions].unsqueeze(1).to(x.dtype))
+            cos, sin = mask._rotary[1:]
             if x.size(0) != cos.size(0):
                 cos, sin = (t.repeat(x.size(0) // t.size(0), 1, 1, 1) for t in (cos, sin))
         return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
@@ -93,6 +96,7 @@ class AttentionMask:
             self.mask = keys[None, :] <= queries[:, None]  # [T, S]
         self._windowed: dict[int, torch.Tensor] = {}  # every layer with one window shares a mask
         self._slots = None  # ragged: [B, T] the cache slot of every query
+        self._rotary: tuple = (None,)  # (dtype, cos, sin) for per-row positions, shared by every layer
 
     @classmethod
     def ragged(cls, starts: list[int], length: int, device: torch.device,
@@ -102,7 +106,7 @@ class AttentionMask:
         the slots minus the padding before them."""
         self = cls.__new__(cls)
         self.start, self.length, self.device, self.is_causal = None, length, device, False
-        self._windowed = {}
+        self._windowed, self._rotary = {}, (None,)
         s = max(starts) + length
         self._slots = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
         keys = torch.arange(s, device=device)
@@ -122,7 +126,8 @@ class AttentionMask:
     def at(self, keep: torch.Tensor) -> "AttentionMask":
         """The mask of one query per row: new position keep[b] of row b ([B] indices into the T)."""
         out = AttentionMask.__new__(AttentionMask)
-        out.start, out.length, out.device, out.is_causal, out._windowed = None, 1, self.device, False, {}
+        out.start, out.length, out.device, out.is_causal = None, 1, self.device, False
+        out._windowed, out._rotary = {}, (None,)
         if self._slots is None:  # plain: every row starts at `start`
             out._slots = self.start + keep[:, None]  # [B, 1]
             keys = torch.arange(self.start + self.length, device=self.device)
