@@ -242,6 +242,7 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
         timer.daemon = True
         timer.start()
     app.state.drain = drain  # server.py calls it on Ctrl-C / SIGTERM
+    app.state.worker = worker  # the model worker (tests, /metrics)
 
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "mtplab",
             "mtplab": {"context_length": window, "heads": model.n_future,

@@ -4,9 +4,9 @@ The HTTP layer is uvicorn's h11 protocol; what it lacks is added here, the rest 
 
 - headers: `header_timeout` seconds from a connection's first byte (or its opening, or the end of
   the previous answer once the client sends again) to the end of the request's headers, else a 408
-  and the connection closes (a silent or slow client, slowloris); `max_header_bytes` is h11's
-  limit on the request line and headers (beyond it: 400). uvicorn has a keep-alive timeout but no
-  deadline on headers, so `http_protocol` adds one.
+  and the connection closes (a silent or slow client, slowloris); a request line and headers over
+  `max_header_bytes` are a 431. uvicorn has a keep-alive timeout but neither of these (h11's own
+  size limit holds only for headers that come in pieces), so `http_protocol` adds them.
 - body: `ReadBody`, an ASGI layer, reads the whole body before the app sees it: a
   `Content-Length` over `max_body_bytes` is a 413 at once, a chunked body is a 413 as soon as
   that much has come (never more is read), and a body not complete `body_timeout` seconds after
@@ -106,31 +106,39 @@ class ReadBody:
         await self.app(scope, replay, send)
 
 
-def http_protocol(header_timeout: float):
-    """uvicorn's h11 protocol with a deadline on each request's line and headers (see above)."""
+def http_protocol(header_timeout: float, max_header_bytes: int):
+    """uvicorn's h11 protocol with a deadline and a size limit on each request's line and headers
+    (see above)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class DeadlineH11Protocol(H11Protocol):
+    class LimitedH11Protocol(H11Protocol):
         header_timer: asyncio.TimerHandle | None = None
+        header_bytes = 0  # received towards the next request's headers
 
         def _arm(self) -> None:
             if self.header_timer is None:
                 self.header_timer = self.loop.call_later(header_timeout, self._too_slow)
+                self.header_bytes = 0
 
         def _disarm(self) -> None:
             if self.header_timer is not None:
                 self.header_timer.cancel()
                 self.header_timer = None
 
-        def _too_slow(self) -> None:
-            self.header_timer = None
+        def _refuse(self, status: int, reason: str, message: str, code: str) -> None:
+            """An answer before any request could begin (h11 has none to answer), then close."""
+            self._disarm()
             if self.transport.is_closing():
                 return
-            body = _json_bytes(408, f"the request's headers did not arrive within {header_timeout:g} s",
-                               "request_timeout")
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            body = _json_bytes(status, message, code)
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (status, reason.encode(), len(body), body))
             self.transport.close()
+
+        def _too_slow(self) -> None:
+            self.header_timer = None
+            self._refuse(408, "Request Timeout", f"the request's headers did not arrive within "
+                         f"{header_timeout:g} s", "request_timeout")
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -139,6 +147,13 @@ def http_protocol(header_timeout: float):
         def data_received(self, data: bytes) -> None:
             if self.cycle is None or self.cycle.response_complete:  # between requests: a new one begins
                 self._arm()
+            if self.header_timer is not None:  # reading headers: count them up to their blank line
+                end = data.find(b"\r\n\r\n")
+                self.header_bytes += len(data) if end < 0 else end + 4
+                if self.header_bytes > max_header_bytes:
+                    self._refuse(431, "Request Header Fields Too Large", "the request line and headers are "
+                                 f"over this server's limit of {max_header_bytes} bytes", "headers_too_large")
+                    return
             cycle = self.cycle
             super().data_received(data)
             if self.cycle is not cycle:  # its headers are complete: the request runs
@@ -148,13 +163,14 @@ def http_protocol(header_timeout: float):
             self._disarm()
             super().connection_lost(exc)
 
-    return DeadlineH11Protocol
+    return LimitedH11Protocol
 
 
 def uvicorn_config(app, limits: Limits = Limits(), **options):
     """A `uvicorn.Config` for `app` that enforces `limits` at the HTTP layer."""
     import uvicorn
 
-    return uvicorn.Config(app, http=http_protocol(limits.header_timeout), timeout_keep_alive=limits.keep_alive,
+    return uvicorn.Config(app, http=http_protocol(limits.header_timeout, limits.max_header_bytes),
+                          timeout_keep_alive=limits.keep_alive,
                           limit_concurrency=limits.max_connections,
                           h11_max_incomplete_event_size=limits.max_header_bytes, **options)

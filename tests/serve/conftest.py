@@ -11,15 +11,19 @@ import uvicorn
 import mtplab
 from mtplab.inference.engine import Engine
 from mtplab.serve import create_app
+from mtplab.serve.limits import Limits, uvicorn_config
 from mtplab.serve.server import bind
 
 
 class LiveServer:
-    def __init__(self, app):
+    """`app` under uvicorn as `mtplab serve` runs it, with the HTTP layer's `limits`."""
+
+    def __init__(self, app, limits: Limits = Limits()):
         self.app = app
         self.sock = bind("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn_config(app, limits, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -128,8 +132,15 @@ def serve_app(tiny):
     servers = []
 
     def start(**options):
-        servers.append(LiveServer(create_app(tiny[0], tiny[1], model_name="tiny", **options)))
+        limits = options.get("limits", Limits())
+        servers.append(LiveServer(create_app(tiny[0], tiny[1], model_name="tiny", **options), limits))
         return servers[-1]
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """LiveServer itself, for module-scoped servers of a test file's own."""
+    return LiveServer

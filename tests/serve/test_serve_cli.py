@@ -37,6 +37,10 @@ def test_bad_options(capsys, tiny):
     assert "--max-queue" in one_line_error(capsys, "serve", str(tiny[2]), "--port", "0", "--max-queue", "-1")
     assert "--max-batch must be >= 1, got 0" in one_line_error(capsys, "serve", str(tiny[2]), "--port", "0",
                                                                 "--max-batch", "0")
+    assert "--max-body-bytes must be > 0, got 0" in one_line_error(capsys, "serve", str(tiny[2]), "--port", "0",
+                                                                   "--max-body-bytes", "0")
+    assert "--header-timeout must be > 0" in one_line_error(capsys, "serve", str(tiny[2]), "--port", "0",
+                                                            "--header-timeout", "-1")
     assert "cannot resolve host" in one_line_error(capsys, "serve", str(tiny[2]), "--port", "0",
                                                    "--host", "no such host.invalid")
 
