@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokens/s plain and speculative)")
     p.add_argument("--data", default=None, help="with --think-loops: also the held-out loss on this "
                                                 "file at each count (as `mtplab eval --task loss`)")
+    p.add_argument("--limit", type=int, default=None, help="--data: its first N examples (text: N windows)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("eval", help="score a checkpoint: GSM8K exact match, loss per head, perplexity")
@@ -374,8 +375,8 @@ def cmd_bench(args) -> None:
     model, tokenizer = load_model(args.checkpoint)
     if args.think_loops is not None:
         return bench_think_loops(args, model, tokenizer)
-    if args.data is not None:
-        raise MtplabError("--data goes with --think-loops (the loss at each count)")
+    if args.data is not None or args.limit is not None:
+        raise MtplabError("--data and --limit go with --think-loops (the loss at each count)")
     if model.config.arch == "monostep":
         raise MtplabError(f"{args.checkpoint} is a Monostep model: it decodes in blocks, with nothing "
                           "to compare speculation against")
@@ -405,7 +406,7 @@ def bench_think_loops(args, model, tokenizer) -> None:
         raise MtplabError("--batch-size does not go with --think-loops (its rows decode one at a time)")
 
     def loss(m) -> float:  # head 0's (next-token) mean cross-entropy, nats/token
-        return evaluate_task(m, tokenizer, "loss", args.data)[0]["head_losses"][0]
+        return evaluate_task(m, tokenizer, "loss", args.data, args.limit)[0]["head_losses"][0]
 
     result = compare_think_loops(model, read_prompts(args.prompts, tokenizer, args.chat), counts,
                                  args.max_new_tokens, tokenizer.eos_id, args.n_draft,

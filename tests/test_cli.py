@@ -372,7 +372,7 @@ def test_think_loops_errors_name_the_model(capsys, tiny_run, looped_run, tmp_pat
         code, _, err = run_cli(capsys, "bench", str(looped_run), "--think-loops", bad)
         assert_one_line_error(code, err, message)
     code, _, err = run_cli(capsys, "bench", str(looped_run), "--data", str(tmp_path / "c.txt"))
-    assert_one_line_error(code, err, "--data goes with --think-loops")
+    assert_one_line_error(code, err, "--data and --limit go with --think-loops")
 
 
 def test_bench_compares_think_loops_side_by_side(capsys, looped_run, tmp_path):
@@ -383,7 +383,8 @@ def test_bench_compares_think_loops_side_by_side(capsys, looped_run, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Ava has 3 apples.\nBen has\n")
     code, text, _ = run_cli(capsys, "bench", str(looped_run), "--think-loops", "1,2,4", "--prompts",
-                            str(prompts), "--max-new-tokens", "8", "--data", str(corpus), "--json")
+                            str(prompts), "--max-new-tokens", "8", "--data", str(corpus), "--limit", "2",
+                            "--json")
     result = json.loads(text)
     rows = {r["think_loops"]: r for r in result["rows"]}
     assert code == 0 and list(rows) == [1, 2, 4] and result["trained_think_loops"] == 2
@@ -391,7 +392,8 @@ def test_bench_compares_think_loops_side_by_side(capsys, looped_run, tmp_path):
                for r in rows.values())
     flops = {n: r["flops_per_token"] for n, r in rows.items()}
     assert flops[4] - flops[2] == 2 * (flops[2] - flops[1])  # each loop costs the same
-    code, loss, _ = run_cli(capsys, "eval", str(looped_run), "--task", "loss", "--data", str(corpus), "--json")
+    code, loss, _ = run_cli(capsys, "eval", str(looped_run), "--task", "loss", "--data", str(corpus),
+                            "--limit", "2", "--json")
     assert rows[2]["loss"] == pytest.approx(json.loads(loss)["head_losses"][0])  # the trained count
     assert len({round(r["loss"], 6) for r in rows.values()}) == 3
     code, table, _ = run_cli(capsys, "bench", str(looped_run), "--think-loops", "2,4", "--max-new-tokens", "4")
