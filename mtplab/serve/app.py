@@ -124,14 +124,16 @@ class Guard:
 
 
 class RequireKey:
-    """ASGI middleware: every route but /health needs `Authorization: Bearer KEY`. Checked before
-    the body is read, so a client without the key learns nothing about the API."""
+    """ASGI middleware: every route but /health and the chat page (`/` and `/static/`: they hold
+    no data; the page asks for the key) needs `Authorization: Bearer KEY`. Checked before the body
+    is read, so a client without the key learns nothing about the API."""
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health":
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path not in ("/health", "/") and not path.startswith("/static/"):
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, given = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):

@@ -110,10 +110,13 @@ def test_seeded_sampling_repeats(live):
     assert runs[0] == runs[1]
 
 
-def test_api_key_guards_every_route_but_health(serve_app):
+def test_api_key_guards_every_route_but_health_and_the_page(serve_app):
     server = serve_app(api_key="sekret")
-    assert httpx.get(server.url + "/health").status_code == 200
-    for path in ["/v1/models", "/", "/static/app.js"]:
+    for path in ["/health", "/", "/static/app.js", "/static/style.css"]:  # no data: no key needed
+        assert httpx.get(server.url + path).status_code == 200
+    assert httpx.get(server.url + "/static/nope.js").status_code == 404
+    assert httpx.get(server.url + "/v1/nope").status_code == 401  # unknown routes too
+    for path in ["/v1/models", "/v1/models/tiny"]:
         r = httpx.get(server.url + path)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(server.url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401

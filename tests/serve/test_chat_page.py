@@ -69,3 +69,36 @@ def test_chat_page_streams_marks_drafts_and_stops(browser, serve_app, slow_engin
     assert bodies[-1]["messages"][1]["content"] == shown.replace("[stopped]", "")
     assert bodies[-1]["stream"] is True and bodies[-1]["max_tokens"] == 3
     assert page.locator(".msg.assistant").nth(1).locator(".note").text_content() == "[token limit]"
+
+
+def test_chat_page_with_an_api_key(browser, serve_app):
+    """The page loads without the key, asks for it, says so when it is wrong, and chats with the
+    right one (sent on every API call; every /v1 route still needs it)."""
+    server = serve_app(api_key="sekret")
+    page = browser.new_page()
+    sent = []
+    page.on("request", lambda r: sent.append((r.url, r.headers.get("authorization")))
+            if "/v1/" in r.url else None)
+    page.goto(server.url + "/")
+    page.wait_for_selector("#keyform:not([hidden])")
+    assert page.text_content("#key_message") == "This server needs an API key."
+
+    page.fill("#api_key", "wrong")
+    page.click("#keyform button")
+    page.wait_for_function("document.getElementById('key_message').textContent.startsWith('Wrong API key')")
+    assert page.is_visible("#keyform")
+
+    page.fill("#api_key", "sekret")
+    page.click("#keyform button")
+    page.wait_for_function("document.getElementById('model').textContent.startsWith('tiny:')")
+    assert page.is_hidden("#keyform")
+    page.click("#settings summary")
+    page.fill("#max_tokens", "4")
+    page.fill("#prompt", Q)
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('.msg.assistant') && "
+                           "document.querySelector('.msg.assistant').dataset.state == 'done'", timeout=20_000)
+    assert not page.locator(".msg.assistant.error").count()
+    assert page.text_content(".msg.assistant").strip()
+    assert sent[-1][0].endswith("/v1/chat/completions") and sent[-1][1] == "Bearer sekret"
+    assert page.evaluate("sessionStorage.getItem('mtplab_api_key')") == "sekret"

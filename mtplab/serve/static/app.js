@@ -1,17 +1,29 @@
 // The chat page: keeps the conversation, streams each answer from /v1/chat/completions and marks
 // which tokens a head drafted (and the model accepted) and which the model computed.
 // Plain browser JavaScript, no build step. Model text only ever goes in through textContent.
+// With `mtplab serve --api-key`, the page and its files load without the key; the API answers
+// 401, the page asks for the key once, keeps it for this tab's session and sends it on every call.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const messages = [];        // the conversation, OpenAI-style {role, content}
 let controller = null;      // AbortController of the answer being streamed
+const KEY = "mtplab_api_key";
 
 function headers() {
   const h = { "Content-Type": "application/json" };
-  const key = $("api_key").value.trim();
+  const key = sessionStorage.getItem(KEY);
   if (key) h["Authorization"] = "Bearer " + key;
   return h;
+}
+
+// A 401: ask for the key (again, if the one we sent was wrong).
+function askForKey() {
+  const sent = sessionStorage.getItem(KEY);
+  sessionStorage.removeItem(KEY);
+  $("key_message").textContent = sent ? "Wrong API key: try again." : "This server needs an API key.";
+  $("keyform").hidden = false;
+  $("api_key").focus();
 }
 
 function bubble(role, text) {
@@ -42,7 +54,13 @@ async function errorMessage(response) {
 async function loadModel() {
   try {
     const r = await fetch("v1/models", { headers: headers() });
+    if (r.status === 401) {
+      askForKey();
+      $("model").textContent = "API key needed";
+      return;
+    }
     if (!r.ok) throw new Error(await errorMessage(r));
+    $("keyform").hidden = true;
     const m = (await r.json()).data[0];
     const info = m.mtplab || {};
     $("model").textContent = `${m.id}: ${(info.parameters / 1e6).toFixed(1)}M parameters, ` +
@@ -104,6 +122,7 @@ async function send(text) {
     const r = await fetch("v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(requestBody()), signal: controller.signal,
     });
+    if (r.status === 401) askForKey();
     if (!r.ok) throw new Error(await errorMessage(r));
     const reader = r.body.getReader();
     const utf8 = new TextDecoder();
@@ -178,5 +197,13 @@ $("clear").addEventListener("click", () => {
   $("messages").replaceChildren();
   for (const id of ["tau", "tps", "ntokens"]) $(id).textContent = "–";
 });
-$("api_key").addEventListener("change", loadModel);
+$("keyform").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const key = $("api_key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY, key);
+  $("api_key").value = "";
+  $("key_message").textContent = "";
+  loadModel();   // hides the form if the key is right, asks again if not
+});
 loadModel();
