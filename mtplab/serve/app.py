@@ -26,7 +26,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import check_think_loops
@@ -36,6 +36,7 @@ from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
 from ..models.transformer import Transformer
 from .limits import Limits, ReadBody
+from .metrics import Metrics, Watch
 from .schemas import ChatRequest, CompletionRequest, _Sampling
 from .streaming import EngineJob, Piece, stream_pieces
 from .worker import QueueFull, Ticket, Unavailable, Worker
@@ -92,13 +93,14 @@ class EventStream(StreamingResponse):
 
 
 class Guard:
-    """The outermost ASGI layer: `/health/` is `/health` (one trailing slash is dropped), and an
+    """The outermost ASGI layer: `/health/` is `/health` (one trailing slash is dropped); an
     exception that escapes the app is logged and answered with a JSON 500 and `Connection: close`
     (or, once the answer has begun, the connection is closed), so that the next request on a
-    keep-alive connection finds a clean one."""
+    keep-alive connection finds a clean one; each answered request is counted and logged
+    (metrics.py)."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -106,21 +108,33 @@ class Guard:
             return
         if len(scope["path"]) > 1 and scope["path"].endswith("/"):
             scope["path"] = scope["path"][:-1]
-        started = False
+        note = scope["mtplab"] = {"arrived": time.perf_counter()}
+        status = None
 
         async def tracked(message) -> None:
-            nonlocal started
-            started = True
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
             await send(message)
 
+        in_flight = self.metrics.in_flight if self.metrics.registry is not None else None
+        if in_flight is not None:
+            in_flight.inc()
         try:
             await self.app(scope, receive, tracked)
         except Exception as exc:  # noqa: BLE001 -- a bug in mtplab; the client still gets an answer
             log.exception("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
-            if not started:
+            if status is None:
+                status = 500
                 response = error_response(500, f"internal error: {type(exc).__name__}", type="server_error",
                                           headers={"Connection": "close"})
                 await response(scope, receive, send)
+        finally:
+            if in_flight is not None:
+                in_flight.dec()
+            watch = note.get("watch")
+            self.metrics.answered(scope["method"], scope["path"], status or 499, watch.tokens if watch else 0,
+                                  time.perf_counter() - note["arrived"])
 
 
 class RequireKey:
@@ -197,6 +211,7 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
             state["worker"] = None
 
     app = FastAPI(title="mtplab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = app.state.metrics = Metrics(worker)
 
     # -- errors, all in OpenAI's shape -----------------------------------------------------------
     @app.exception_handler(APIError)
@@ -222,7 +237,7 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
     app.add_middleware(ReadBody, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)
     if api_key is not None:
         app.add_middleware(RequireKey, key=api_key)  # before the body is read
-    app.add_middleware(Guard)  # outermost: catches what the handlers let through
+    app.add_middleware(Guard, metrics=metrics)  # outermost: catches what the handlers let through
     router = APIRouter()
 
     @app.api_route("/health", methods=["GET", "HEAD"])
@@ -245,6 +260,14 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
         timer.start()
     app.state.drain = drain  # server.py calls it on Ctrl-C / SIGTERM
     app.state.worker = worker  # the model worker (tests, /metrics)
+
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    async def prometheus():
+        text = metrics.render()
+        if text is None:
+            raise APIError(404, "metrics need the prometheus_client package: pip install prometheus_client",
+                           code="not_found")
+        return Response(text, media_type=metrics.content_type)
 
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "mtplab",
             "mtplab": {"context_length": window, "heads": model.n_future,
@@ -363,9 +386,17 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
                 out["mtplab"].update(_summary(piece, body))
             return out
 
+        note = request.scope.setdefault("mtplab", {})  # Guard's: the access log reads the tokens
+        watch = note["watch"] = metrics.watch(note.get("arrived", time.perf_counter()))
         if body.stream:
-            return EventStream(_events(ticket, chunk, chat, head), on_close=ticket.cancel)
-        pieces = await _collect(request, ticket)
+            def closed():
+                ticket.cancel()
+                watch.end()
+            return EventStream(_events(ticket, chunk, chat, head, watch), on_close=closed)
+        try:
+            pieces = await _collect(request, ticket, watch)
+        finally:
+            watch.end()
         if pieces is None:  # the client went away; nobody reads this
             return JSONResponse({}, status_code=499)
         text = "".join(p.text for p in pieces)
@@ -434,7 +465,7 @@ def _summary(last: Piece, body: _Sampling, pieces: list[Piece] | None = None) ->
     return out
 
 
-async def _events(ticket: Ticket, chunk: Callable[[Piece], dict], chat: bool, head: dict):
+async def _events(ticket: Ticket, chunk: Callable[[Piece], dict], chat: bool, head: dict, watch: Watch):
     if chat:  # as OpenAI: the first chunk opens the assistant's message
         yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]})
@@ -443,6 +474,7 @@ async def _events(ticket: Ticket, chunk: Callable[[Piece], dict], chat: bool, he
             item = await ticket.get()
             if item is Ticket.END:
                 break
+            watch.saw(item)
             yield sse(chunk(item))
             if item.finish_reason:
                 ticket.completed = True
@@ -455,7 +487,7 @@ async def _events(ticket: Ticket, chunk: Callable[[Piece], dict], chat: bool, he
     yield "data: [DONE]\n\n"
 
 
-async def _collect(request: Request, ticket: Ticket) -> list[Piece] | None:
+async def _collect(request: Request, ticket: Ticket, watch: Watch) -> list[Piece] | None:
     """All pieces of a non-streaming answer; None if the client disconnects first."""
     pieces: list[Piece] = []
     loop = asyncio.get_running_loop()
@@ -480,6 +512,7 @@ async def _collect(request: Request, ticket: Ticket) -> list[Piece] | None:
                 raise APIError(400, str(exc)) from None
             if item is Ticket.END:
                 return pieces
+            watch.saw(item)
             pieces.append(item)
             if item.finish_reason:
                 ticket.completed = True

@@ -5,6 +5,7 @@ running end within GRACE_S seconds."""
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 
@@ -63,14 +64,28 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
         print(f"mtplab serve: model {name!r} ({model.num_parameters() / 1e6:.1f}M parameters, "
             f"{model.n_future} head(s)) at http://{shown}:{sock.getsockname()[1]}/ "
             f"(chat page at /, OpenAI API at /v1){'; API key required' if api_key else ''}", flush=True)
+        log_to_stderr(log_level)
+
         class Draining(uvicorn.Server):
             def handle_exit(self, sig, frame) -> None:
                 app.state.drain(GRACE_S - 1)  # the worker stops a second before uvicorn gives up
                 super().handle_exit(sig, frame)
 
-        server = Draining(uvicorn_config(app, limits, log_level=log_level, timeout_graceful_shutdown=GRACE_S))
+        server = Draining(uvicorn_config(app, limits, log_level=log_level, timeout_graceful_shutdown=GRACE_S,
+                                         access_log=False))  # ours (metrics.py) says more
         server.run(sockets=[sock])
         if server.started:  # uvicorn took the Ctrl-C/SIGTERM itself; end like every stopped command
             raise KeyboardInterrupt
     finally:
         sock.close()
+
+
+def log_to_stderr(level: str) -> None:
+    """The server's own log lines (one per request, the worker's errors) to stderr, as uvicorn's."""
+    logger = logging.getLogger("mtplab.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
