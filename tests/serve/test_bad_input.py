@@ -193,6 +193,41 @@ def test_generated_raw_bodies_never_5xx(api, raw):
     assert r.status_code < 500, (raw, r.text)
 
 
+# any code point, lone surrogates included (JSON writes them as \\udXXX escapes)
+any_text = st.text(st.characters(exclude_categories=()), max_size=24)
+text_fields = st.one_of(
+    st.builds(lambda t: ("/v1/completions", {"prompt": t}), any_text),
+    st.builds(lambda t: ("/v1/completions", {"prompt": [t]}), any_text),
+    st.builds(lambda t, u: ("/v1/completions", {"prompt": "Ava has", "stop": [t, u]}), any_text, any_text),
+    st.builds(lambda t: ("/v1/completions", {"prompt": "Ava has", "model": t}), any_text),
+    st.builds(lambda t, role: ("/v1/chat/completions", {"messages": [{"role": role, "content": t}]}),
+              any_text, st.sampled_from(["system", "developer", "user", "assistant"])),
+    st.builds(lambda ts: ("/v1/chat/completions", {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": t} for t in ts]}]}), st.lists(any_text, max_size=3)),
+)
+
+
+@pytest.fixture(scope="module")
+def greedy(tiny):
+    import mtplab
+    return mtplab.generate(tiny[0], tiny[1], COMPLETION["prompt"], max_new_tokens=COMPLETION["max_tokens"])
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=text_fields, stream=st.booleans())
+def test_generated_text_in_any_unicode_never_5xx(api, greedy, case, stream):
+    route, body = case
+    r = api.post(route, content=json.dumps({"max_tokens": 2, **body, "stream": stream}),
+                 headers={"content-type": "application/json"})
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert_openai_error(r, r.status_code)
+    if "model" not in body and any(0xD800 <= ord(c) <= 0xDFFF for c in json.dumps(body, ensure_ascii=False)):
+        assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], (body, r.text)
+    after = api.post("/v1/completions", json=COMPLETION)  # and the next request is served right
+    assert after.status_code == 200 and after.json()["choices"][0]["text"] == greedy
+
+
 def test_still_serving_after_all_that(api):
     r = api.post("/v1/completions", json=COMPLETION)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

@@ -8,6 +8,8 @@ import time
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mtplab.serve import create_app
 from mtplab.serve.limits import Limits
@@ -181,3 +183,58 @@ def test_503_once_the_model_worker_has_died(serve_app):
                    timeout=10)
     assert r.status_code == 503
     assert httpx.get(server.url + "/health", timeout=5).status_code == 503
+
+
+def read_answer(sock, timeout: float) -> bytes:
+    """One response (headers and Content-Length body), or what came before the server closed."""
+    sock.settimeout(timeout)
+    out = b""
+    try:
+        while True:
+            head, sep, rest = out.partition(b"\r\n\r\n")
+            if sep:
+                length = next((int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n")
+                               if line.startswith(b"content-length:")), 0)
+                if len(rest) >= length:
+                    return out
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+    except ConnectionResetError:
+        return out
+
+
+hex_sizes = st.one_of(st.integers(0, 2**90).map(lambda n: f"{n:x}".encode()),
+                      st.sampled_from([b"", b"-1", b"zz", b"0x10", b"5;ext=1", b" 5", b"f" * 40]))
+raw_requests = st.one_of(
+    # a body shorter (or longer) than announced
+    st.builds(lambda n, k: POST + b"Content-Length: %d\r\n\r\n" % n + b"{" * k,
+              st.integers(0, 200_000), st.integers(0, 300)),
+    # chunking: arbitrary sizes and data, terminated or not
+    st.builds(lambda chunks, end: POST + b"Transfer-Encoding: chunked\r\n\r\n"
+              + b"".join(size + b"\r\n" + data + b"\r\n" for size, data in chunks) + (b"0\r\n\r\n" if end else b""),
+              st.lists(st.tuples(hex_sizes, st.binary(max_size=12)), max_size=3), st.booleans()),
+    # headers around the size limit, or odd ones
+    st.builds(lambda n, name: b"GET /health HTTP/1.1\r\nHost: t\r\n" + name + b": " + b"a" * n + b"\r\n\r\n",
+              st.integers(0, 2 * LIMITS.max_header_bytes), st.sampled_from([b"X-A", b"Content-Length", b"Host"])),
+    # anything at all
+    st.binary(max_size=80),
+    st.builds(lambda line: line + b"\r\n\r\n", st.binary(max_size=60)),
+)
+
+
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=raw_requests)
+def test_generated_raw_http_never_5xx_and_the_server_goes_on(server, expected, data):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        t0 = time.monotonic()
+        try:
+            s.sendall(data)
+        except OSError:  # refused and closed before it was all sent
+            pass
+        out = read_answer(s, LIMITS.body_timeout + LIMITS.header_timeout + 2)
+        assert time.monotonic() - t0 < LIMITS.body_timeout + LIMITS.header_timeout + 1.5  # an answer, in time
+    assert out.startswith(b"HTTP/1.1 "), (data[:200], out[:100])  # every client hears why
+    assert int(out.split(b" ", 2)[1]) < 500, (data[:200], out[:300])
+    assert_serves(server, expected)
