@@ -21,6 +21,7 @@ family.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class Row:
         self.stats.proposed = self.stats.proposed or [0] * self.n_draft
         self.stats.accepted = self.stats.accepted or [0] * self.n_draft
         self.tokens = list(self.prompt)  # every token so far; the last one is pending (not cached)
+        self.reused = 0  # prompt tokens whose keys and values came from another row's cache
         self.produced = 0
         self.drafts: list[int] = []
         self.qs: list[torch.Tensor | None] = []  # each draft's distribution (None: greedy)
@@ -106,14 +108,17 @@ class Row:
 
 class Engine:
     def __init__(self, model: Transformer, max_batch: int = 16, n_draft: int = 0,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, reuse_prefix: int = 16):
+        """`reuse_prefix`: a new prompt that shares at least this many leading tokens with a
+        decoding row (a system prompt, the earlier turns of a chat) copies that row's keys and
+        values instead of recomputing them (0: never)."""
         if max_batch < 1:
             raise MtplabError(f"max_batch must be >= 1, got {max_batch}")
         most = model.n_future - 1
         if not 0 <= n_draft <= most:
             raise MtplabError(f"n_draft must be between 0 and {most} (the model has {model.n_future} heads)")
         self.model, self.max_batch, self.n_draft = model, max_batch, n_draft
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.reuse_prefix = prefill_chunk, reuse_prefix
         # Heads whose blocks keep cache layers must see every position; the others draft from the
         # trunk's state at one position per row.
         self.cached_heads = model.heads.n_layers > 0
@@ -179,23 +184,32 @@ class Engine:
     def _prefill(self, rows: list[Row]) -> list[tuple[Row, Event]]:
         """Prompts into the free rows after the decoding ones, longest first so that the rows
         still reading a chunk are always a prefix; each row's first token and drafts."""
-        rows.sort(key=lambda r: len(r.prompt), reverse=True)
         first = len(self.rows)
+        donors = [self._donor(r) for r in rows]  # (decoding row, shared length) or None
+        for r, donor in zip(rows, donors):
+            r.reused = donor[1] if donor else 0
+        # the longest still to read first, so that the rows reading a chunk stay a prefix
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt) - rows[i].reused, reverse=True)
+        rows[:], donors = [rows[i] for i in order], [donors[i] for i in order]
+        for j, donor in enumerate(donors):
+            self.cache.lengths[first + j] = 0
+            if donor:
+                self.cache.copy_row(donor[0], first + j, donor[1])
         self.rows.extend(rows)
-        for i in range(first, first + len(rows)):
-            self.cache.lengths[i] = 0
-        longest, chunk = len(rows[0].prompt), self.prefill_chunk
+        longest, chunk = len(rows[0].prompt) - rows[0].reused, self.prefill_chunk
         last_hidden: list[list[torch.Tensor]] = [[] for _ in rows]  # per row, per head: [D]
         trunk_states: list[list[torch.Tensor]] = [[] for _ in rows]  # rows with a drafter: [1, n, D] chunks
-        for begin in range(0, longest, chunk):
-            reading = [r for r in rows if len(r.prompt) > begin]
-            width = min(chunk, longest - begin)
+        begin = 0
+        while begin < longest:
+            reading = [r for r in rows if len(r.prompt) - r.reused > begin]
+            # a row that reused a long start must not be padded past the cache's end
+            width = min(chunk, longest - begin, *(self.cache.max_len - r.reused - begin for r in reading))
             ids = torch.zeros(len(reading), width, dtype=torch.long)
             for j, r in enumerate(reading):
-                part = r.prompt[begin:begin + width]
+                part = r.prompt[r.reused + begin:r.reused + begin + width]
                 ids[j, :len(part)] = torch.tensor(part)
             view = self.cache.view(first, first + len(reading))
-            reads = [min(width, len(r.prompt) - begin) for r in reading]
+            reads = [min(width, len(r.prompt) - r.reused - begin) for r in reading]
             # Only each row's last position has a reader (its first token, its drafts): the heads'
             # blocks compute keys and values for the rest.
             last = torch.tensor([n - 1 for n in reads], device=self.model.device)
@@ -205,8 +219,9 @@ class Engine:
                 self.cache.lengths[first + j] += n
                 if r.drafter is not None:
                     trunk_states[j].append(trunk[j:j + 1, :n])
-                if begin + n == len(r.prompt):
+                if r.reused + begin + n == len(r.prompt):
                     last_hidden[j] = [h[j, 0] for h in heads] + [trunk[j, n - 1]]
+            begin += width
         head0 = self.model.logits(torch.stack([h[0] for h in last_hidden]))  # [R, V]
         greedy = head0.argmax(-1).tolist()
         events, drafting = [], []
@@ -228,6 +243,20 @@ class Engine:
                 drafting.append((r, last_hidden[j]))
         self._draft(drafting)
         return events
+
+    def _donor(self, row: Row) -> tuple[int, int] | None:
+        """The decoding row whose cached tokens share the longest start with `row`'s prompt, and
+        that length (at most the prompt's minus one: its last token must be computed), when it
+        reaches `reuse_prefix`. A row with its own drafter reads every prompt position itself."""
+        if not self.reuse_prefix or row.drafter is not None:
+            return None
+        best, prompt = None, row.prompt
+        for i, other in enumerate(self.rows):
+            cached = other.tokens[:min(self.cache.lengths[i], len(prompt) - 1)]
+            n = len(os.path.commonprefix([cached, prompt]))
+            if n >= self.reuse_prefix and (best is None or n > best[1]):
+                best = (i, n)
+        return best
 
     def _decode(self, rows: list[Row]) -> list[tuple[Row, Event]]:
         inputs = [[r.tokens[-1]] + r.drafts for r in rows]

@@ -54,9 +54,10 @@ class KVCache:
         view._where = (None, None)
         return view
 
-    def copy_row(self, src: int, dst: int) -> None:
-        """Row `src`'s contents into row `dst` (keeping a batch's active rows contiguous)."""
-        n = self.lengths[src]
+    def copy_row(self, src: int, dst: int, n: int | None = None) -> None:
+        """Row `src`'s first `n` positions (default: all it holds) into row `dst`: keeping a batch's
+        active rows contiguous, or starting a row from another's prompt prefix."""
+        n = self.lengths[src] if n is None else n
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.ids[dst, :n] = self.ids[src, :n]

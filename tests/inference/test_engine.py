@@ -161,3 +161,51 @@ def test_each_row_samples_exactly_head_0s_distribution(family):
         got = row_distribution(model, 2, prompt, other, params, 3)
         assert sum(got.values()) == pytest.approx(1.0, abs=1e-9)
         assert max(abs(got.get(k, 0.0) - v) for k, v in exact.items()) < 1e-6, family
+
+
+@pytest.mark.parametrize("family,trunk", CASES)
+def test_rows_sharing_a_prompt_start_reuse_its_cache_and_still_give_their_batch_1_tokens(family, trunk):
+    """Later prompts that begin like a decoding row's (a system prompt, a chat's earlier turns)
+    copy its keys and values for that start; every row's tokens are still its batch-1 tokens."""
+    model = build(**{**TRUNKS[trunk], **FAMILIES[family]})
+    g = torch.Generator().manual_seed(7)
+    shared = torch.randint(0, 40, (9,), generator=g).tolist()
+    prompts = [shared + torch.randint(0, 40, (n,), generator=g).tolist() for n in (3, 1, 5, 2)]
+    prompts[3] = prompts[0] + [5, 6]  # a later turn: the first row's whole prompt and more
+    want = [reference_greedy(model, p, 8) for p in prompts]
+    for n_draft in (0, 2):
+        engine = Engine(model, max_batch=4, n_draft=n_draft, reuse_prefix=4)
+        reqs = [Request(p, max_new_tokens=[20, 8, 8, 8][i], n_draft=n_draft) for i, p in enumerate(prompts)]
+        got = run(engine, reqs, join_at=[0, 1, 2, 2])
+        assert [g[:8] for g in got] == want, (family, trunk, n_draft)
+    # how much was reused: the joiners' shared start (a drafter reads every position itself)
+    engine = Engine(model, max_batch=4, n_draft=2, reuse_prefix=4)
+    first = engine.submit(Request(prompts[0], max_new_tokens=20, n_draft=2))
+    engine.step()
+    later = engine.submit(Request(prompts[3], max_new_tokens=4, n_draft=2))
+    engine.step()
+    expected = 0 if family == "sequential" else len(prompts[0])
+    assert later.reused == expected and first.reused == 0
+    off = Engine(model, max_batch=4, n_draft=2, reuse_prefix=0)
+    off.submit(Request(prompts[0], max_new_tokens=20, n_draft=2))
+    off.step()
+    assert off.submit(Request(prompts[3], max_new_tokens=4, n_draft=2)).reused == 0
+
+
+def test_a_long_reused_start_beside_a_long_new_prompt_stays_inside_the_cache():
+    """Prefilled together, a row that reused 40 positions and reads 1 more, and a row that reads
+    30: the short one is not padded past the cache's end, and both give their batch-1 tokens."""
+    model = build(mtp="parallel", n_future=3)
+    g = torch.Generator().manual_seed(9)
+    donor = torch.randint(0, 40, (40,), generator=g).tolist()
+    prompts = [donor + [3], torch.randint(0, 40, (30,), generator=g).tolist()]
+    engine = Engine(model, max_batch=3, n_draft=2, reuse_prefix=4)
+    engine.submit(Request(donor, max_new_tokens=6, n_draft=2))
+    engine.step()
+    rows = [engine.submit(Request(p, max_new_tokens=5, n_draft=2)) for p in prompts]
+    got = {id(r): [] for r in rows}
+    while engine.busy:
+        for row, event in engine.step():
+            got.get(id(row), []).extend(event.tokens)
+    assert [got[id(r)] for r in rows] == [reference_greedy(model, p, 5) for p in prompts]
+    assert rows[0].reused == 40 and engine.cache.max_len == 48 + 2
