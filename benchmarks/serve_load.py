@@ -1,13 +1,14 @@
 """Load test: concurrent streaming chat clients against `mtplab serve --max-batch 1` and a batched one.
 
 Runs the same load twice, one server after the other on a free loopback port: `mtplab serve
-CHECKPOINT --max-batch 1` (one forward per request in turn) and `--max-batch N` (continuous
-batching). Each load is CLIENTS streaming chat clients started at once with the `openai` client,
+CHECKPOINT --max-batch 1` (one forward per request in turn) and the default (continuous
+batching, as many rows as the default KV-cache budget holds; or `--max-batch N`). Each load is
+CLIENTS streaming chat clients started at once with the `openai` client,
 greedy, fixed questions and max_tokens, after one warm-up request. Prints a table (errors, time to
 first token p50/p99, latency, aggregate tokens/s) and the ratios, and checks every answer's text is
 the same from both servers and from `mtplab generate --prompts` (exit 1 on an error or mismatch).
 
-    python benchmarks/serve_load.py [CHECKPOINT] [--clients 64] [--max-tokens 64] [--max-batch 16]
+    python benchmarks/serve_load.py [CHECKPOINT] [--clients 64] [--max-tokens 64] [--max-batch N]
 
 CHECKPOINT defaults to runs/demo (`mtplab demo` writes it); without one, recipes/tiny.toml is
 trained into a temporary directory first (seconds).
@@ -63,20 +64,22 @@ async def load(url: str, model: str, questions: list[str], max_tokens: int) -> t
     return results, wall
 
 
-def start_server(checkpoint: str, clients: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: str, clients: int, max_batch: int | None) -> tuple[subprocess.Popen, str, str]:
+    batch = [] if max_batch is None else ["--max-batch", str(max_batch)]  # None: the server's default
     proc = subprocess.Popen([sys.executable, "-m", "mtplab", "serve", checkpoint, "--port", "0",
-                             "--max-queue", str(clients), "--max-batch", str(max_batch)],
+                             "--max-queue", str(clients), *batch],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     banner = proc.stdout.readline()
     found = re.search(r"http://\S+:\d+/", banner)
     if not found:
         proc.kill()
         sys.exit(f"the server did not start: {banner!r}")
-    return proc, found.group(0)
+    rows = re.search(r"up to (\d+) requests", banner)
+    return proc, found.group(0), rows.group(1) if rows else "?"
 
 
-def run_server(checkpoint: str, max_batch: int, questions: list[str], max_tokens: int) -> dict:
-    proc, url = start_server(checkpoint, len(questions), max_batch)
+def run_server(checkpoint: str, max_batch: int | None, questions: list[str], max_tokens: int) -> dict:
+    proc, url, rows = start_server(checkpoint, len(questions), max_batch)
     try:
         model = openai.OpenAI(base_url=url + "v1", api_key="unused").models.list().data[0].id
         asyncio.run(load(url, model, questions[:1], max_tokens))  # warm-up: the engine, the first forward
@@ -88,7 +91,8 @@ def run_server(checkpoint: str, max_batch: int, questions: list[str], max_tokens
     errors = [f"{type(r).__name__}: {r}" for r in results if not isinstance(r, dict)]
     ttft = np.array([r["ttft"] for r in ok] or [np.nan]) * 1000
     tokens = sum(r["tokens"] for r in ok)
-    return {"name": f"--max-batch {max_batch}", "ok": len(ok), "errors": errors,
+    name = f"--max-batch {max_batch}" if max_batch else f"default ({rows} rows)"
+    return {"name": name, "ok": len(ok), "errors": errors,
             "ttft_p50": np.percentile(ttft, 50), "ttft_p99": np.percentile(ttft, 99),
             "latency_p50": np.percentile([r["latency"] for r in ok] or [np.nan], 50),
             "latency_max": max([r["latency"] for r in ok] or [np.nan]), "tokens": tokens, "wall": wall,
@@ -108,11 +112,11 @@ def reference_texts(checkpoint: str, questions: list[str], max_tokens: int) -> l
 
 
 def table(runs: list[dict]) -> str:
-    head = (f"{'server':<16}{'ok':>4}{'errors':>8}{'TTFT p50':>11}{'TTFT p99':>11}{'latency p50':>13}"
+    head = (f"{'server':<20}{'ok':>4}{'errors':>8}{'TTFT p50':>11}{'TTFT p99':>11}{'latency p50':>13}"
             f"{'all done':>10}{'tokens':>8}{'tokens/s':>10}{'tau':>6}")
     lines = [head, "-" * len(head)]
     for r in runs:
-        lines.append(f"{r['name']:<16}{r['ok']:>4}{len(r['errors']):>8}{r['ttft_p50']:>8.0f} ms"
+        lines.append(f"{r['name']:<20}{r['ok']:>4}{len(r['errors']):>8}{r['ttft_p50']:>8.0f} ms"
                      f"{r['ttft_p99']:>8.0f} ms{r['latency_p50']:>11.2f} s{r['latency_max']:>8.2f} s"
                      f"{r['tokens']:>8}{r['tokens_per_s']:>10.1f}{r['tau']:>6.2f}")
     return "\n".join(lines)
@@ -132,7 +136,8 @@ def main() -> None:
     parser.add_argument("checkpoint", nargs="?", default=None, help="default: runs/demo, else a tiny one")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="the batched server's --max-batch (default: the server's own default)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint

@@ -106,6 +106,16 @@ class Row:
         return min(self.n_draft, self.limit - self.produced)
 
 
+def rows_that_fit(model: Transformer, n_draft: int, budget_bytes: int, most: int = 64) -> int:
+    """Engine rows whose KV cache fits in `budget_bytes` (at least 1, at most `most`): how large a
+    batch a server can keep by default without sizing it by hand."""
+    c = model.config
+    layers = model.cache_layers(model.n_think_loops) + model.heads.n_layers
+    slots = c.max_seq_len + n_draft
+    per_row = 2 * layers * c.kv_heads * slots * c.head_dim * model.wte.weight.element_size() + 8 * slots
+    return max(1, min(most, budget_bytes // per_row))
+
+
 class Engine:
     def __init__(self, model: Transformer, max_batch: int = 16, n_draft: int = 0,
                  prefill_chunk: int = 256, reuse_prefix: int = 16):

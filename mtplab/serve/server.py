@@ -36,9 +36,10 @@ GRACE_S = 3  # seconds that running requests have to end once the server is told
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, max_queue: int = 64, max_batch: int = 16,
+          model_name: str | None = None, max_queue: int = 64, max_batch: int | None = None,
           device: str = "cpu", log_level: str = "info",
-          limits: Limits = Limits(), think_loops: int | None = None) -> None:
+          limits: Limits = Limits(), think_loops: int | None = None, kv_memory_mib: int = 1024) -> None:
+    """`max_batch` None: as many rows as fit `kv_memory_mib` of KV cache, at most 64."""
     import uvicorn
 
     from ..config import check_think_loops
@@ -46,8 +47,10 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     from .app import create_app
     from .limits import uvicorn_config
 
-    if max_batch < 1:
+    if max_batch is not None and max_batch < 1:
         raise MtplabError(f"--max-batch must be >= 1, got {max_batch}")
+    if kv_memory_mib < 1:
+        raise MtplabError(f"--kv-memory must be >= 1 MiB, got {kv_memory_mib}")
     if max_queue < 0:
         raise MtplabError(f"--max-queue must be >= 0, got {max_queue}")
     if api_key is not None and not api_key.strip():
@@ -59,10 +62,15 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
             check_think_loops(model.config, think_loops, checkpoint)
             model.n_think_loops = think_loops
         name = model_name or Path(checkpoint).resolve().name
+        if max_batch is None:
+            from ..inference.engine import rows_that_fit
+
+            max_batch = rows_that_fit(model, model.n_future - 1, kv_memory_mib << 20)
         app = create_app(model, tokenizer, name, api_key, max_queue, max_batch, limits=limits)
         shown = f"[{host}]" if ":" in host else host
         print(f"mtplab serve: model {name!r} ({model.num_parameters() / 1e6:.1f}M parameters, "
-            f"{model.n_future} head(s)) at http://{shown}:{sock.getsockname()[1]}/ "
+            f"{model.n_future} head(s), up to {max_batch} requests decoded together) at "
+            f"http://{shown}:{sock.getsockname()[1]}/ "
             f"(chat page at /, OpenAI API at /v1){'; API key required' if api_key else ''}", flush=True)
         log_to_stderr(log_level)
 

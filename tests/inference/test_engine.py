@@ -209,3 +209,16 @@ def test_a_long_reused_start_beside_a_long_new_prompt_stays_inside_the_cache():
             got.get(id(row), []).extend(event.tokens)
     assert [got[id(r)] for r in rows] == [reference_greedy(model, p, 5) for p in prompts]
     assert rows[0].reused == 40 and engine.cache.max_len == 48 + 2
+
+
+def test_rows_that_fit_a_kv_budget_are_what_the_engine_allocates():
+    from mtplab.inference.engine import rows_that_fit
+
+    model = build(mtp="parallel", n_future=3)
+    one = Engine(model, max_batch=1, n_draft=2).cache
+    per_row = one.k.nbytes + one.v.nbytes + one.ids.nbytes
+    assert rows_that_fit(model, 2, 5 * per_row) == 5
+    assert rows_that_fit(model, 2, 5 * per_row - 1) == 4
+    assert rows_that_fit(model, 2, 1) == 1 and rows_that_fit(model, 2, 10**12) == 64
+    cache = Engine(model, max_batch=5, n_draft=2).cache
+    assert cache.k.nbytes + cache.v.nbytes + cache.ids.nbytes <= 5 * per_row
