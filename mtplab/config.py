@@ -27,6 +27,9 @@ class ModelConfig:
     # (reads vocab_size, d_model, n_layers, n_heads, max_seq_len, n_future = slots, dropout only)
     arch: str = "causal"
     vocab_size: int = 0  # 0: take the tokenizer's size, rounded up to a multiple of 64
+    # ids the tokenizer has; the rows from here to vocab_size are padding, whose logits are -inf
+    # (never emitted, never scored). 0: all vocab_size rows (set from the tokenizer when trained)
+    vocab_real: int = 0
     d_model: int = 128
     n_layers: int = 2  # shared trunk blocks
     n_heads: int = 4
@@ -86,6 +89,9 @@ class ModelConfig:
                               f"model.n_kv_heads ({self.n_kv_heads})")
         if self.pos == "rope" and self.head_dim % 2:
             raise MtplabError("RoPE needs an even head dimension (d_model / n_heads)")
+        if self.vocab_real < 0 or (self.vocab_size and self.vocab_real > self.vocab_size):
+            raise MtplabError(f"model.vocab_real ({self.vocab_real}) must be between 0 and "
+                              f"model.vocab_size ({self.vocab_size})")
         if self.n_future < 1:
             raise MtplabError("model.n_future must be at least 1")
         if self.mtp == "parallel" and self.n_future > 1 and self.head_layers < 1:
@@ -109,6 +115,11 @@ class ModelConfig:
         if self.loss_weights and len(self.loss_weights) != self.n_future:
             raise MtplabError(f"model.loss_weights has {len(self.loss_weights)} entries "
                               f"for {self.n_future} heads")
+
+    @property
+    def real_vocab_size(self) -> int:
+        """The ids a decoder may emit: vocab_real, or every row when it is 0."""
+        return self.vocab_real or self.vocab_size
 
     @property
     def head_dim(self) -> int:

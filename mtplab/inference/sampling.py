@@ -46,7 +46,9 @@ def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
     if torch.tensor(params.temperature, dtype=logits.dtype) == 0:  # below the dtype's range: greedy
         return F.one_hot(logits.argmax(-1), logits.size(-1)).to(logits.dtype)
     scaled = logits / params.temperature
-    if not torch.isfinite(scaled).all():  # a tiny temperature overflowed: shift the maximum to 0 first
+    # a tiny temperature overflowed (a finite logit became inf): shift the maximum to 0 first.
+    # -inf logits (padded vocabulary ids) stay -inf either way and get probability 0.
+    if (torch.isinf(scaled) & torch.isfinite(logits)).any():
         scaled = (logits - logits.max(-1, keepdim=True).values) / params.temperature
     logits = scaled
     if params.top_k > 0 and params.top_k < logits.size(-1):

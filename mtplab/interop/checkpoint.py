@@ -95,6 +95,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     if tokenizer.vocab_size > model_config.vocab_size:
         raise MtplabError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
                           f"holds {model_config.vocab_size}")
+    if not model_config.vocab_real:  # a checkpoint from before the field: the tokenizer's ids are the real ones
+        model_config.vocab_real = tokenizer.vocab_size
     model = build_model(model_config)
     state, _ = load_weights(directory)
     load_state(model, state, Path(directory) / WEIGHTS)

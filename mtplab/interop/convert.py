@@ -82,6 +82,9 @@ def convert(fmt: str, source: str | Path, out: str | Path,
         raise MtplabError(f"{source}: no such file or directory")
     check_out(out)
     converted = spec.convert(source, options)
+    config = converted.model.config
+    if not config.vocab_real:  # a source without its own (GPT-2, Llama): the tokenizer's ids are the real ones
+        config.vocab_real = converted.tokenizer.vocab_size
     converted.source = {"format": fmt, "path": str(source.resolve()), **converted.source}
     write_checkpoint(out, converted)
     return converted

@@ -26,8 +26,13 @@ The extra heads go beside the standard files:
     model.safetensors.index.json   names model.safetensors as the only weights file, so that
                             loaders globbing *.safetensors (vLLM) leave mtp_heads.safetensors alone
 
-`convert_hf` reads such a directory back into the mtplab checkpoint it came from, bit for bit, and
-a plain GPT-2 or Llama directory (no mtp_heads.json) as a one-head mtplab model. GPT-2's tensors
+A padded vocabulary (vocab_size rows, vocab_real of them the tokenizer's) is cut to its real rows:
+a standard class cannot mask logits, and so its config's vocab_size is the tokenizer's, generate()
+never emits a padded id and lm-eval's log-softmax is over the real vocabulary, as mtplab's is.
+
+`convert_hf` reads such a directory back into the mtplab checkpoint it came from, bit for bit but
+for the padded rows, which come back as zeros (never read: no token has their id, their logits are
+-inf), and a plain GPT-2 or Llama directory (no mtp_heads.json) as a one-head mtplab model. GPT-2's tensors
 come in through gpt2.py's mapping; Llama's names are the one table `llama_names`, read both ways.
 """
 
@@ -51,6 +56,7 @@ from .sources import (ConvertOptions, Converted, SourceWeights, assemble, config
 
 GPT2, LLAMA = "GPT2LMHeadModel", "LlamaForCausalLM"
 MODEL_TYPES = {GPT2: "gpt2", LLAMA: "llama"}
+VOCAB_TABLES = ("wte.weight", "lm_head.weight")  # [vocab_size, D]: cut to the real rows in the export
 HEADS_JSON, HEADS_WEIGHTS, INDEX = "mtp_heads.json", "mtp_heads.safetensors", "model.safetensors.index.json"
 
 
@@ -132,7 +138,7 @@ def llama_names(config: ModelConfig) -> list[tuple[str, str, tuple[int, ...]]]:
     """(mtplab name, LlamaForCausalLM name, shape) of every tensor the Llama model holds."""
     c = config
     d, f, q, kv = c.d_model, c.ff_dim, c.n_heads * c.head_dim, c.kv_heads * c.head_dim
-    names = [("wte.weight", "model.embed_tokens.weight", (c.vocab_size, d))]
+    names = [("wte.weight", "model.embed_tokens.weight", (c.real_vocab_size, d))]
     for i, block in enumerate(native_layers(c)):
         layer = f"model.layers.{i}."
         parts = [("attn_norm.weight", "input_layernorm.weight", (d,)),
@@ -148,7 +154,7 @@ def llama_names(config: ModelConfig) -> list[tuple[str, str, tuple[int, ...]]]:
         names += [(block + ours, layer + theirs, shape) for ours, theirs, shape in parts]
     names.append(("norm_f.weight", "model.norm.weight", (d,)))
     if not c.tie_embeddings:
-        names.append(("lm_head.weight", "lm_head.weight", (c.vocab_size, d)))
+        names.append(("lm_head.weight", "lm_head.weight", (c.real_vocab_size, d)))
     return names
 
 
@@ -157,7 +163,7 @@ def native_config(config: ModelConfig, eos_id: int | None = None, pad_id: int | 
                   dtype: str = "float32") -> dict[str, Any]:
     """The standard class's config.json for a trunk that fits."""
     c, arch = config, check_fits(config)
-    common = {"architectures": [arch], "model_type": MODEL_TYPES[arch], "vocab_size": c.vocab_size,
+    common = {"architectures": [arch], "model_type": MODEL_TYPES[arch], "vocab_size": c.real_vocab_size,
               "initializer_range": c.init_std, "tie_word_embeddings": c.tie_embeddings,
               "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": pad_id, "use_cache": True,
               "dtype": dtype, "torch_dtype": dtype}  # the name transformers 5 reads, and 4's
@@ -227,6 +233,9 @@ def native_files(model: Transformer, tokenizer: Tokenizer) -> dict[str, Any]:
     c = model.config
     arch = check_fits(c)
     state = {k: v.detach() for k, v in model.state_dict().items()}
+    for table in VOCAB_TABLES:  # the padded rows stay behind (see the module's docstring)
+        if table in state:
+            state[table] = state[table][:c.real_vocab_size]
     dtype = model.wte.weight.dtype
     used: set[str] = set()
 
@@ -264,7 +273,7 @@ def gpt2_weights(c: ModelConfig, part) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel's tensors, the inverse of gpt2.block_weights: Conv1D stores [in, out], the
     transpose of nn.Linear's weight, and c_attn packs q, k and v side by side."""
     d, f = c.d_model, c.ff_dim
-    w = {"transformer.wte.weight": part("wte.weight", (c.vocab_size, d)),
+    w = {"transformer.wte.weight": part("wte.weight", (c.real_vocab_size, d)),
          "transformer.wpe.weight": part("wpe.weight", (c.max_seq_len, d))}
     for i, block in enumerate(native_layers(c)):
         h = f"transformer.h.{i}."
@@ -281,7 +290,7 @@ def gpt2_weights(c: ModelConfig, part) -> dict[str, torch.Tensor]:
     w["transformer.ln_f.weight"] = part("norm_f.weight", (d,))
     w["transformer.ln_f.bias"] = part("norm_f.bias", (d,))
     if not c.tie_embeddings:
-        w["lm_head.weight"] = part("lm_head.weight", (c.vocab_size, d))
+        w["lm_head.weight"] = part("lm_head.weight", (c.real_vocab_size, d))
     return w
 
 
@@ -308,7 +317,7 @@ def convert_hf(source: Path, options: ConvertOptions) -> Converted:
         config = heads_config(hf, meta, source)
         src = SourceWeights(tensors, weights_file)
         weights = (llama_to_mtplab if kind == "llama" else gpt2_native_to_mtplab)(config, src)
-        weights = drop_fills(config, weights, weights_file)
+        weights = pad_vocab(config, drop_fills(config, weights, weights_file))
         heads_path = source / HEADS_WEIGHTS
         heads = read_safetensors(heads_path) if heads_path.is_file() else {}
         clash = sorted(set(heads) & set(weights))
@@ -318,7 +327,7 @@ def convert_hf(source: Path, options: ConvertOptions) -> Converted:
         report = src.report()
         tokenizer_meta = meta.get("tokenizer") or {}
     eos = options.eos or tokenizer_meta.get("eos")
-    tokenizer, tokenizer_path = load_tokenizer(options.tokenizer, [source], eos, config.vocab_size,
+    tokenizer, tokenizer_path = load_tokenizer(options.tokenizer, [source], eos, config.real_vocab_size,
                                                MODEL_TYPES[target(config)])
     template = tokenizer_meta.get("chat_template", tokenizer.chat_template)
     if template not in CHAT_TEMPLATES:
@@ -365,14 +374,14 @@ def gpt2_native_to_mtplab(config: ModelConfig, src: SourceWeights) -> dict[str, 
     c = config
     d = c.d_model
     root = "transformer." if src.has("transformer.wte.weight") else ""
-    w = {"wte.weight": src.take(f"{root}wte.weight", (c.vocab_size, d)),
+    w = {"wte.weight": src.take(f"{root}wte.weight", (c.real_vocab_size, d)),
          "wpe.weight": src.take(f"{root}wpe.weight", (c.max_seq_len, d)),
          "norm_f.weight": src.take(f"{root}ln_f.weight", (d,)),
          "norm_f.bias": src.take(f"{root}ln_f.bias", (d,))}
     for i, block in enumerate(native_layers(c)):
         w.update(block_weights(src, f"{root}h.{i}.", block, d, c.ff_dim))
     if not c.tie_embeddings:
-        w["lm_head.weight"] = src.take("lm_head.weight", (c.vocab_size, d))
+        w["lm_head.weight"] = src.take("lm_head.weight", (c.real_vocab_size, d))
     else:
         tied_head(c, src, w["wte.weight"])
     return w
@@ -385,6 +394,14 @@ def tied_head(config: ModelConfig, src: SourceWeights, wte: torch.Tensor) -> Non
             raise MtplabError(f"{src.where}: lm_head.weight differs from the embedding although the "
                               "config ties them")
         src.ignore("lm_head.weight", "tied to the embedding")
+
+
+def pad_vocab(config: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The export's vocabulary tables [vocab_real, D] back at the model's vocab_size rows: zeros
+    after the real ones (rows no token reads and whose logits are -inf)."""
+    padding = config.vocab_size - config.real_vocab_size
+    return {name: torch.cat([t, t.new_zeros(padding, t.size(1))]) if name in VOCAB_TABLES and padding else t
+            for name, t in weights.items()}
 
 
 def drop_fills(config: ModelConfig, weights: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:

@@ -143,7 +143,7 @@ def nanochat_to_mtplab(tensors: dict[str, torch.Tensor], layout: Layout, arch: A
     wte_shape = src.shape(layout.wte())
     if wte_shape is None:
         src.take(layout.wte(), (arch.vocab_size, d))  # the one-line "missing required weight"
-    vocab = wte_shape[0]  # padded to a multiple of 64 by nanochat; tokens beyond vocab_size unused
+    vocab = wte_shape[0]  # padded to a multiple of 64 by nanochat, which cuts its logits to vocab_size
     if vocab < arch.vocab_size:
         raise MtplabError(f"{where}: {layout.wte()} has {vocab} rows for vocab_size {arch.vocab_size}")
     d_ff = (src.shape(layout.block(0) + "mlp.c_fc.weight") or (4 * d,))[0]
@@ -153,7 +153,8 @@ def nanochat_to_mtplab(tensors: dict[str, torch.Tensor], layout: Layout, arch: A
     smear_shape = src.shape(layout.top("smear_gate.weight"))
     window = short_window(arch.sequence_len) + 1 if "S" in arch.window_pattern.upper() else 0
     config = ModelConfig(
-        vocab_size=vocab, d_model=d, n_layers=L, n_heads=arch.n_head, n_kv_heads=kv, d_ff=d_ff,
+        vocab_size=vocab, vocab_real=arch.vocab_size, d_model=d, n_layers=L, n_heads=arch.n_head,
+        n_kv_heads=kv, d_ff=d_ff,
         max_seq_len=arch.sequence_len, pos="rope", rope_base=arch.rope_base, norm="rmsnorm",
         norm_eps=arch.norm_eps, norm_affine=False, embed_norm=True, mlp=arch.mlp, bias=False,
         tie_embeddings=arch.tied, qk_norm=True, qk_scale=QK_SCALE, window_pattern=arch.window_pattern,
@@ -206,7 +207,7 @@ def nanochat_to_mtplab(tensors: dict[str, torch.Tensor], layout: Layout, arch: A
     notes = [f"{L} blocks, d {d}, {arch.n_head} heads ({kv} kv), {arch.mlp} MLP, RoPE base "
              f"{arch.rope_base:g}, windows {arch.window_pattern} (S = {window} keys), "
              f"{', '.join(features) or 'no stream features'}; vocabulary {vocab} rows "
-             f"({arch.vocab_size} in the tokenizer's range), "
+             f"({arch.vocab_size} real, the rest never emitted), "
              f"{'tied' if arch.tied else 'untied'} unembedding",
              "q/k projections: second half of each head negated (nanochat rotates by -theta)"]
     return model, src.report(), notes
@@ -244,7 +245,7 @@ def convert_gelu_d12(source: Path, options: ConvertOptions) -> Converted:
     model, report, notes = nanochat_to_mtplab(tensors, Layout(root, "", "blocks"), arch, where)
     search = [source if source.is_dir() else source.parent]
     tokenizer, tokenizer_path = load_tokenizer(options.tokenizer, search, options.eos,
-                                               model.config.vocab_size, "gelu-d12")
+                                               model.config.real_vocab_size, "gelu-d12")
     notes.append(f"tokenizer: {tokenizer_path} ({tokenizer.vocab_size} tokens, eos {tokenizer.eos!r})")
     return Converted(model, tokenizer, report, notes, {"layout": "GELU_GPT" + (" (HF wrapper)" if root else ""),
                                                        "tokenizer": str(tokenizer_path)})
@@ -296,7 +297,7 @@ def convert_nanochat(source: Path, options: ConvertOptions) -> Converted:
     search = [directory, directory.parent, directory.parent / "tokenizer",
               directory.parent.parent / "tokenizer"]
     tokenizer, tokenizer_path = load_tokenizer(options.tokenizer, search, options.eos,
-                                               model.config.vocab_size, "nanochat")
+                                               model.config.real_vocab_size, "nanochat")
     notes.append(f"step {step}; tokenizer: {tokenizer_path} ({tokenizer.vocab_size} tokens, "
                  f"eos {tokenizer.eos!r})")
     return Converted(model, tokenizer, report, notes, {"step": step, "tokenizer": str(tokenizer_path)})

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
+from .transformer import mask_padded_ids
 
 
 class Trunk(nn.Module):
@@ -84,4 +85,5 @@ class Monostep(nn.Module):
         for slot in self.slots:
             h, out = slot(h_shared, h)
             logits.append(out)
-        return torch.stack(logits, dim=1)
+        # rows beyond the tokenizer's ids (if any) are never emitted or scored
+        return mask_padded_ids(torch.stack(logits, dim=1), self.config.real_vocab_size)

@@ -12,6 +12,10 @@ Stream-level features live here (attention-level ones are in layers.py):
   x <- g*x + (1-g)*x_pre, g = sigmoid(think_gate), x_pre the stream before the loop), exit blocks.
   Each pass of a shared block has its own cache layer, so the cache layout depends on the count.
 - logit softcap: c*tanh(z/c) on every head's logits.
+- padded vocabulary: the tables hold vocab_size rows (a multiple of 64), the tokenizer fewer
+  (vocab_real); every logits function puts -inf at the padded ids, after the softcap, so no
+  decoding path can emit them and every loss is over the real vocabulary (as nanochat cuts
+  `logits[..., :vocab_size]`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ from ..config import ModelConfig
 from .heads import make_heads
 from .kv_cache import KVCache
 from .layers import AttentionMask, Block, Rotary, init_weights, make_norm
+
+def mask_padded_ids(logits: torch.Tensor, real: int) -> torch.Tensor:
+    """logits [..., V] with -inf at ids >= real (padded rows). masked_fill and not a large negative
+    constant: -inf is exact in fp16/bf16, softmax gives it probability 0 and its gradient is 0."""
+    if real >= logits.size(-1):
+        return logits
+    return logits.masked_fill(torch.arange(logits.size(-1), device=logits.device) >= real, float("-inf"))
+
 
 class Transformer(nn.Module):
     stack_heads = True  # batch one-block heads at inference (off while FSDP shards the weights)
@@ -172,19 +184,23 @@ class Transformer(nn.Module):
         cap = self.config.logit_softcap
         return cap * torch.tanh(z / cap) if cap else z
 
+    def _finish(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw unembedding output [..., V] -> logits: the softcap, then -inf at the padded ids."""
+        return mask_padded_ids(self._softcap(z), self.config.real_vocab_size)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The shared final norm and unembedding (head 0's, and every head's that shares it)."""
-        return self._softcap(F.linear(self.norm_f(h), self.unembedding))
+        return self._finish(F.linear(self.norm_f(h), self.unembedding))
 
     def head_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Head k's logits from its hidden state [..., D]."""
-        return self._softcap(self.heads.unembed(k, self.norm_f(h), self.unembedding))
+        return self._finish(self.heads.unembed(k, self.norm_f(h), self.unembedding))
 
     def stacked_logits(self, states: list[torch.Tensor], first: int = 0) -> torch.Tensor:
         """Heads first..first+H-1's logits from their states (H x [..., D]) -> [..., H, V], with
         one read of a shared unembedding."""
-        return self._softcap(self.heads.unembed_stacked(first, self.norm_f(torch.stack(states, -2)),
-                                                        self.unembedding))
+        return self._finish(self.heads.unembed_stacked(first, self.norm_f(torch.stack(states, -2)),
+                                                       self.unembedding))
 
     # -- whole forward -------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:

@@ -7,6 +7,10 @@ labels that are IGNORE (prompt, padding) are skipped for every head alike.
 of its input, its [B, T, V] logits are scored and back-propagated at once and freed, and the
 gradients gathered on the detached inputs are finally pushed through the trunk in one backward.
 Peak memory is then one head's logits, whatever the number of heads.
+
+Logits carry -inf at the padded vocabulary ids (see transformer.py); the losses cut those columns
+off first, so that label smoothing spreads its mass over the real tokens only (over a -inf logit
+it would make the loss infinite). Labels are always real ids.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ def mask_pad(labels: torch.Tensor, pad_id: int | None) -> torch.Tensor:
 
 
 def head_loss(logits: torch.Tensor, labels: torch.Tensor, k: int, label_smoothing: float = 0.0,
-              pad_id: int | None = None) -> tuple[torch.Tensor, int]:
+              pad_id: int | None = None, vocab: int | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of head k ([B, T_k, V] logits) and the number of scored tokens.
     label_smoothing: the target puts that much mass uniformly over the vocabulary (seed 003: 0.05);
-    pad_id: labels equal to it are skipped like IGNORE."""
+    pad_id: labels equal to it are skipped like IGNORE; vocab: the real vocabulary size (the
+    columns beyond it are padding, cut off)."""
     targets = mask_pad(labels, pad_id)[:, k:k + logits.size(1)]
-    logits = logits[:, :targets.size(1)]
+    logits = logits[:, :targets.size(1), :vocab]
     total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                             ignore_index=IGNORE, reduction="sum", label_smoothing=label_smoothing)
     return total, int((targets != IGNORE).sum())
@@ -47,6 +52,7 @@ def scored_head_loss(model: Transformer, k: int, h: torch.Tensor, labels: torch.
     scored = targets != IGNORE  # [B, T_k]
     with autocast():
         logits = model.head_logits(k, h[:, :targets.size(1)][scored])  # [N, V]
+    logits = logits[:, :model.config.real_vocab_size]
     total = F.cross_entropy(logits.float(), targets[scored], reduction="sum", label_smoothing=label_smoothing)
     return total, int(scored.sum())
 
@@ -59,7 +65,7 @@ def evaluate_heads(model: Transformer, batches) -> list[float]:
     for ids, labels in batches:
         ids, labels = ids.to(model.device), labels.to(model.device)
         for k, logits in enumerate(model(ids)):
-            total, count = head_loss(logits, labels, k)
+            total, count = head_loss(logits, labels, k, vocab=model.config.real_vocab_size)
             totals[k] += float(total)
             counts[k] += count
     return [t / max(c, 1) for t, c in zip(totals, counts)]
@@ -115,7 +121,7 @@ def backward_all_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tens
         all_logits = model(ids)
     total_loss, losses = 0.0, []
     for k, logits in enumerate(all_logits):
-        total, count = head_loss(logits, labels, k, label_smoothing)
+        total, count = head_loss(logits, labels, k, label_smoothing, vocab=model.config.real_vocab_size)
         mean = total / max(count if counts is None else counts[k], 1)
         losses.append(mean.item())
         total_loss = total_loss + mean * weights[k]

@@ -101,13 +101,19 @@ def restore_rng(state: dict) -> None:
 
 def resolve_vocab(config: Config, vocab_size: int) -> None:
     """Size the model's vocabulary from the tokenizer (a multiple of 64; exactly for Monostep, as
-    seed 000's 50262), or check that it fits."""
-    if config.model.vocab_size == 0:
-        exact = config.model.arch == "monostep"
-        config.model.vocab_size = vocab_size if exact else 64 * -(-vocab_size // 64)
-    elif vocab_size > config.model.vocab_size:
+    seed 000's 50262), or check that it fits; the tokenizer's size is the real vocabulary (the
+    rows beyond it are padding, never emitted)."""
+    m = config.model
+    if m.vocab_size == 0:
+        m.vocab_size = vocab_size if m.arch == "monostep" else 64 * -(-vocab_size // 64)
+    elif vocab_size > m.vocab_size:
         raise MtplabError(f"tokenizer has {vocab_size} tokens but model.vocab_size is "
-                          f"{config.model.vocab_size}: the vocabulary does not fit the model")
+                          f"{m.vocab_size}: the vocabulary does not fit the model")
+    if m.vocab_real == 0:
+        m.vocab_real = vocab_size
+    elif not vocab_size <= m.vocab_real <= m.vocab_size:
+        raise MtplabError(f"model.vocab_real is {m.vocab_real}: it must hold the tokenizer's {vocab_size} "
+                          f"tokens and fit model.vocab_size ({m.vocab_size})")
 
 
 def train(config: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
