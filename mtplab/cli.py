@@ -191,9 +191,11 @@ def cmd_train(args) -> None:
         print(f"mtplab: {result.nonfinite_steps} step(s) skipped for a non-finite loss or gradient",
               file=sys.stderr)
     losses = ", ".join(f"head {k} {l:.3f}" for k, l in enumerate(result.eval_head_losses))
+    start = f"from step {result.resumed_from} " if result.resumed_from is not None else ""
     limit = " (train.time_limit reached)" if result.time_limited else ""
-    print(f"trained to step {result.step}{limit} in {result.seconds:.1f} s; held-out loss: {losses}; "
-          f"checkpoint: {result.out_dir}")
+    side = result.seconds - result.train_seconds
+    print(f"trained {start}to step {result.step} in {result.train_seconds:.1f} s of training steps{limit}, "
+          f"plus {side:.1f} s evaluating and saving; held-out loss: {losses}; checkpoint: {result.out_dir}")
 
 
 def check_batch_size(value: int | None) -> None:
@@ -269,12 +271,12 @@ def generate_many(args, model, tokenizer, params) -> None:
 
     texts, ids = load_prompt_file(args.prompts, tokenizer, args.chat)
     t0 = time.perf_counter()
-    rows, tokens, forwards = [], 0, 0
+    rows, tokens, decoded, forwards = [], 0, 0, 0
     for c in decode_batch(model, ids, args.max_new_tokens, params, tokenizer.eos_id, args.batch_size,
                           args.speculative, args.n_draft, tokenizer, progress=True, desc="generating"):
         line = json.dumps({"prompt": texts[c.index], "text": c.text, "tokens": c.tokens,
                            "tau": round(c.tau, 4)})
-        tokens, forwards = tokens + c.tokens, forwards + c.stats.forwards
+        tokens, decoded, forwards = tokens + c.tokens, decoded + c.stats.decoded, forwards + c.stats.forwards
         if args.out is None:
             print(line, flush=True)
         else:
@@ -284,7 +286,7 @@ def generate_many(args, model, tokenizer, params) -> None:
         seconds = time.perf_counter() - t0
         print(f"wrote {len(rows)} rows to {args.out}: {tokens} tokens in {seconds:.1f} s "
               f"({tokens / max(seconds, 1e-9):.1f} tokens/s, batch {args.batch_size}), "
-              f"{tokens / max(forwards, 1):.2f} tokens/forward")
+              f"{decoded / max(forwards, 1):.2f} tokens per decoding forward")
 
 
 def cmd_generate(args) -> None:
@@ -315,9 +317,9 @@ def cmd_generate(args) -> None:
     sys.stdout.write(decoder.flush() + "\n")
     if args.show_drafts and stats.forwards:
         acc = " ".join(f"{a:.2f}" for a in stats.acceptance_by_position)
-        print(f"{stats.tokens} tokens in {stats.forwards} forwards: {stats.tokens_per_forward:.2f} "
-              f"tokens/forward, {stats.tokens_per_second:.1f} tokens/s; acceptance by draft "
-              f"position: {acc}", file=sys.stderr)
+        print(f"{stats.tokens} tokens: the prompt's forward, then {stats.forwards} decoding forwards at "
+              f"{stats.tokens_per_forward:.2f} tokens/forward (tau), {stats.tokens_per_second:.1f} tokens/s; "
+              f"acceptance by draft position: {acc}", file=sys.stderr)
 
 
 def cmd_chat(args) -> None:
