@@ -60,7 +60,7 @@ def measure(model, prompts, max_new_tokens, eos_id, batches) -> list[dict]:
                 base, reference = rate, ids
             rows.append({"mode": "speculative" if speculative else "plain", "batch": batch, "tokens": tokens,
                          "seconds": seconds, "tokens_per_s": rate, "vs_b1_plain": rate / base,
-                         "tau": tokens / max(sum(c.stats.forwards for c in done), 1),
+                         "tau": sum(c.stats.decoded for c in done) / max(sum(c.stats.forwards for c in done), 1),
                          "same": ids == reference})
             print(f"  {rows[-1]['mode']:>11} batch {batch:>3}: {rate:8.1f} tok/s", flush=True)
     return rows

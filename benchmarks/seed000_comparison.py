@@ -61,19 +61,23 @@ def trained_steps(out: Path) -> int:
 
 @torch.no_grad()
 def decode_questions(model, tokenizer, questions: list[dict], max_new_tokens: int) -> dict:
-    tokens = forwards = correct = 0
+    tokens = decoded = forwards = correct = 0
     t0 = time.perf_counter()
     for ex in questions:
         stats = SpeculativeStats()
-        out = []
+        out, events = [], 0
         for event in decode(model, tokenizer.encode_chat(ex["question"]), max_new_tokens, eos_id=tokenizer.eos_id,
                             stats=stats):
             out += event.tokens
-            forwards += 1
+            events += 1
         tokens += len(out)
+        if isinstance(model, Monostep):  # one forward per block, each reading the whole context
+            decoded, forwards = decoded + len(out), forwards + events
+        else:  # tau: per decoding forward, the prompt's forward apart
+            decoded, forwards = decoded + stats.decoded, forwards + stats.forwards
         correct += is_correct(tokenizer.decode(out), ex["answer"])
     seconds = time.perf_counter() - t0
-    return {"tokens_per_s": tokens / seconds, "tokens_per_forward": tokens / max(forwards, 1),
+    return {"tokens_per_s": tokens / seconds, "tokens_per_forward": decoded / max(forwards, 1),
             "accuracy": correct / len(questions)}
 
 

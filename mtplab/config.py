@@ -393,6 +393,10 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
         where = str(path)
     for text in overrides:
         (section, key), value = parse_override(text)
+        # an unknown name is the --set argument's fault, not the recipe's
+        _reject_unknown({section: None}, [f.name for f in fields(Config)], f"--set {text}: section")
+        _reject_unknown({key: None}, [f.name for f in fields(typing.get_type_hints(Config)[section])],
+                        f"--set {text}: [{section}]")
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise MtplabError(f"--set {text}: {section} is not a section")

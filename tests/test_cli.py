@@ -1,5 +1,6 @@
 """The command line as a user runs it: bad input ends in one line on stderr and exit code 2."""
 
+import re
 import subprocess
 import sys
 
@@ -31,8 +32,12 @@ def test_missing_checkpoint_directory(capsys, tmp_path):
 def test_unknown_config_key(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--recipe", str(TINY), "--out", str(tmp_path / "o"),
                            "--set", "model.depthh=4")
-    assert_one_line_error(code, err, "unknown key 'depthh'")
-    assert "d_model" in err
+    assert_one_line_error(code, err, "--set model.depthh=4: [model]: unknown key 'depthh'")
+    assert "d_model" in err and "tiny.toml" not in err  # the --set argument is at fault, not the recipe
+    code, _, err = run_cli(capsys, "train", "--recipe", str(TINY), "--out", str(tmp_path / "o"),
+                           "--set", "trian.steps=4")
+    assert_one_line_error(code, err, "--set trian.steps=4: section: unknown key 'trian'")
+    assert not (tmp_path / "o").exists()
 
 
 def test_tokenizer_that_does_not_fit_the_model(capsys, tmp_path):
@@ -84,6 +89,7 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     for name in ["demo.json", "eval.jsonl", "loss.png", "model.safetensors"]:
         assert (tmp_path / "demo" / name).is_file()
     assert any("accuracy" in line for line in lines)
+    assert "on the CPU: 6 steps of" in lines[0] and "auto" not in lines[0]  # the header in plain words
 
 
 QUESTION = "Ava has 3 apples. Then Ava buys 2 more apples. How many apples does Ava have now?"
@@ -101,6 +107,11 @@ def test_speculative_generate_marks_drafts_and_matches_plain(capsys, tiny_run):
                                 "--max-new-tokens", "40", "--show-drafts")
     assert code == 0 and "tokens/forward" in err and "acceptance by draft position" in err
     assert marked.replace("[", "").replace("]", "") == plain
+    # tau is per decoding forward (the prompt's forward apart): never below 1, even for a short answer
+    code, _, err = run_cli(capsys, "generate", str(out), "--chat", "--prompt", QUESTION,
+                           "--max-new-tokens", "3", "--show-drafts")
+    tau = float(re.search(r"at ([0-9.]+) tokens/forward", err).group(1))
+    assert code == 0 and "the prompt's forward, then" in err and tau >= 1.0
 
 
 def test_bench_json_reports_identical_outputs(capsys, tiny_run):

@@ -22,7 +22,8 @@ def bench_batched(model: Transformer, prompts: list[list[int]], max_new_tokens: 
         seconds = time.perf_counter() - t0
         tokens = sum(c.tokens for c in done)
         out[f"{name}_tokens_per_s"] = tokens / max(seconds, 1e-9)
-        out[f"{name}_tokens_per_forward"] = tokens / max(sum(c.stats.forwards for c in done), 1)
+        decoded, forwards = sum(c.stats.decoded for c in done), sum(c.stats.forwards for c in done)
+        out[f"{name}_tokens_per_forward"] = decoded / max(forwards, 1)  # tau: per decoding forward
         out[f"{name}_ids"] = [c.ids for c in done]
     return out
 
@@ -41,16 +42,17 @@ def bench_decoding(model: Transformer, prompts: list[list[int]], max_new_tokens:
         t0 = time.perf_counter()
         plain = generate_ids(model, prompt, max_new_tokens, eos_id=eos_id)
         t1 = time.perf_counter()
-        before = (stats.forwards, stats.seconds)
+        before = (stats.forwards, stats.decoded, stats.seconds)
         spec = [t for e in generate_speculative(model, prompt, max_new_tokens, eos_id=eos_id,
                                                 n_draft=n_draft, stats=stats) for t in e.tokens]
-        forwards, spec_s = stats.forwards - before[0], stats.seconds - before[1]
+        forwards, decoded = stats.forwards - before[0], stats.decoded - before[1]
+        spec_s = stats.seconds - before[2]
         plain_s += t1 - t0
         plain_tokens += len(plain)
         identical &= plain == spec
         rows.append({"tokens": len(plain), "plain_tokens_per_s": len(plain) / (t1 - t0),
                      "speculative_tokens_per_s": len(spec) / max(spec_s, 1e-9),
-                     "tokens_per_forward": len(spec) / max(forwards, 1), "identical": plain == spec})
+                     "tokens_per_forward": decoded / max(forwards, 1), "identical": plain == spec})
         plain_ids.append(plain)
     plain_rate = plain_tokens / max(plain_s, 1e-9)
     speedup = stats.tokens_per_second / max(plain_rate, 1e-9)

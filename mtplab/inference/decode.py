@@ -86,7 +86,7 @@ class Completion:
     index: int  # the prompt's position in the input
     prompt_ids: list[int]
     ids: list[int]  # the new tokens (eos not included)
-    stats: SpeculativeStats  # forwards (the prompt's included) and tokens of this prompt alone
+    stats: SpeculativeStats  # decoding forwards (the prompt's apart) and tokens of this prompt alone
     text: str | None = None  # the new tokens as text (when a tokenizer was given)
 
     @property
@@ -95,7 +95,7 @@ class Completion:
 
     @property
     def tau(self) -> float:
-        """Tokens per forward: 1 for plain decoding (less when eos ends it), more when drafts pass."""
+        """Tokens per decoding forward: 1 for plain decoding, more when drafts pass."""
         return self.stats.tokens_per_forward
 
 
@@ -123,8 +123,9 @@ def decode_batch(model: Transformer, prompts: Sequence[list[int]], max_new_token
             for i, p in enumerate(prompts):
                 stats, decoder, ids = SpeculativeStats(), TextDecoder(tokenizer) if tokenizer else None, []
                 for event in decode(model, p, max_new_tokens, params, eos_id, speculative, n_draft):
-                    stats.forwards += 1
+                    stats.forwards += 1  # a block: every forward reads the whole context
                     stats.tokens += len(event.tokens)
+                    stats.decoded += len(event.tokens)
                     ids += event.tokens
                     if decoder:
                         decoder.feed(event.tokens)

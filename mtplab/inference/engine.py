@@ -236,7 +236,7 @@ class Engine:
         greedy = head0.argmax(-1).tolist()
         events, drafting = [], []
         for j, r in enumerate(rows):
-            r.stats.forwards += 1
+            r.stats.prefills += 1  # the prompt's forward: apart from tau's decoding forwards
             token, _ = r.pick(head0[j], greedy[j])
             if token == r.eos_id:
                 r.finished = True

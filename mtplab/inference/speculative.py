@@ -57,8 +57,15 @@ def verify(p: torch.Tensor, q: torch.Tensor, draft: int, chance: Randomness) -> 
 
 @dataclass
 class SpeculativeStats:
-    forwards: int = 0  # trunk forward passes, the prompt's included
-    tokens: int = 0
+    """What decoding one or more prompts took. tau (`tokens_per_forward`) is the tokens each
+    *decoding* forward yields, accepted drafts plus head 0's own token, the end-of-text included:
+    exactly 1 for plain decoding. The prompt's forward (which also gives the first token) is
+    counted apart, in `prefills`."""
+
+    forwards: int = 0  # decoding forward passes (the prompt's not included)
+    tokens: int = 0  # new tokens, as returned (the first included, the end-of-text not)
+    decoded: int = 0  # tokens the decoding forwards yielded: tau's numerator
+    prefills: int = 0  # forwards that read a prompt (one per prompt, however many chunks)
     # per draft position i: forwards whose verification reached draft i (drafts < i all accepted),
     # and those that accepted it; their ratio is the acceptance rate given the earlier drafts passed
     proposed: list[int] = field(default_factory=list)
@@ -67,7 +74,7 @@ class SpeculativeStats:
 
     @property
     def tokens_per_forward(self) -> float:
-        return self.tokens / max(self.forwards, 1)
+        return self.decoded / max(self.forwards, 1)
 
     @property
     def acceptance_by_position(self) -> list[float]:
@@ -78,7 +85,7 @@ class SpeculativeStats:
         return self.tokens / max(self.seconds, 1e-9)
 
     def as_dict(self) -> dict:
-        return {"forwards": self.forwards, "tokens": self.tokens,
+        return {"forwards": self.forwards, "prefill_forwards": self.prefills, "tokens": self.tokens,
                 "tokens_per_forward": self.tokens_per_forward,
                 "acceptance_by_position": self.acceptance_by_position,
                 "tokens_per_s": self.tokens_per_second}
@@ -87,7 +94,8 @@ class SpeculativeStats:
 def verify_row(row, head0: torch.Tensor, greedy: list[int]) -> tuple[list[int], list[bool]]:
     """One row's step: its drafts checked in order against head 0 (head0 [T, V], greedy its
     argmax per position), up to the first rejection; when all pass, head 0's bonus token.
-    The new tokens and, per token, whether it was an accepted draft."""
+    The new tokens and, per token, whether it was an accepted draft (all count towards tau, the
+    end-of-text and tokens past the length limit included: they measure the forward, not the answer)."""
     new, flags = [], []
     for i, d in enumerate(row.drafts):
         row.stats.proposed[i] += 1
@@ -98,7 +106,9 @@ def verify_row(row, head0: torch.Tensor, greedy: list[int]) -> tuple[list[int], 
         new.append(t)
         flags.append(ok)
         if not ok:
+            row.stats.decoded += len(new)
             return new, flags
         row.stats.accepted[i] += 1
     bonus, _ = row.pick(head0[len(row.drafts)], greedy[len(row.drafts)])
+    row.stats.decoded += len(new) + 1
     return new + [bonus], flags + [False]

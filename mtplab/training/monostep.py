@@ -26,11 +26,11 @@ from ..interop.atomic import atomic_write_text
 from ..interop.checkpoint import load_state, load_tokenizer
 from ..interop.monostep import METRICS_JSON, export_bundle, history_json
 from ..models.monostep import Monostep
-from .checkpoints import load_latest, remove_partial_writes, save_step, step_dirs
+from .checkpoints import save_step, step_dirs
 from .faults import NonFiniteGuard, StopSignals
 from .schedules import lr_multiplier
-from .trainer import (LOSS_PLOT, TrainResult, autocast_for, pick_device, resolve_vocab, restore_rng, rng_state,
-                      seed_everything)
+from .trainer import (LOSS_PLOT, TrainResult, autocast_for, pick_device, resolve_vocab, restore_rng, resume_point,
+                      rng_state, seed_everything)
 
 BUNDLE = "monostep_bundle.pt"
 
@@ -45,10 +45,7 @@ def train_monostep(config: Config, out_dir: Path, resume: bool = False, progress
     seed_everything(t_cfg.seed)
     checkpoint = tokenizer = None
     if resume:
-        if not out_dir.is_dir():
-            raise MtplabError(f"cannot resume: {out_dir} does not exist")
-        remove_partial_writes(out_dir)
-        checkpoint = load_latest(out_dir)
+        checkpoint = resume_point(out_dir)
         if checkpoint is not None:
             tokenizer = load_tokenizer(checkpoint[3])
     if checkpoint is None:
@@ -94,10 +91,10 @@ def train_monostep(config: Config, out_dir: Path, resume: bool = False, progress
                  "data": train_b.state_dict(), "history": history, "epoch_loss": [epoch_sum, epoch_count]}
         return str(save_step(out_dir, step, model, tokenizer, run_config, state, t_cfg.keep_checkpoints))
 
-    result = TrainResult(model, None, out_dir, step)
+    result = TrainResult(model, None, out_dir, step, resumed_from=step if checkpoint is not None else None)
     bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="batch", dynamic_ncols=True,
                desc=f"monostep {model.num_parameters() / 1e6:.2f}M")
-    t0, last_good = time.perf_counter(), "none"
+    t0, last_good, side = time.perf_counter(), "none", 0.0  # side: seconds evaluating and saving
     model.train()
     with StopSignals() as signals:
         while step < total_steps:
@@ -120,7 +117,8 @@ def train_monostep(config: Config, out_dir: Path, resume: bool = False, progress
             bar.update(1)
             if step % t_cfg.log_every == 0:
                 bar.set_postfix(epoch=train_b.epoch + 1, loss=f"{loss.item():.3f}")
-            time_up = bool(t_cfg.time_limit) and time.perf_counter() - t0 >= t_cfg.time_limit
+            time_up = bool(t_cfg.time_limit) and time.perf_counter() - t0 - side >= t_cfg.time_limit
+            side_t0 = time.perf_counter()
             if step % len(train_b) == 0 or time_up:  # an epoch (or the time) ends: evaluate, record, save
                 model.eval()
                 with autocast():
@@ -136,6 +134,7 @@ def train_monostep(config: Config, out_dir: Path, resume: bool = False, progress
                 write_metrics(out_dir, history)
             elif signals.received:
                 last_good = save()
+            side += time.perf_counter() - side_t0
             if signals.received:
                 result.stopped_by = signals.name
                 break
@@ -145,6 +144,7 @@ def train_monostep(config: Config, out_dir: Path, resume: bool = False, progress
     bar.close()
     result.step, result.head_losses = step, [epoch_sum / max(epoch_count, 1)]
     result.nonfinite_steps, result.seconds = guard.skipped, time.perf_counter() - t0
+    result.train_seconds = result.seconds - side
     if not result.stopped_by:  # metrics.json and the plot were written at the last epoch's end
         model.eval()
         export_bundle(out_dir, out_dir / BUNDLE, model=model, tokenizer=tokenizer)

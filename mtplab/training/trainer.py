@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,9 @@ class TrainResult:
     step: int
     head_losses: list[float] = field(default_factory=list)  # last logged train losses
     eval_head_losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run: training steps, evaluations and checkpoint writes
+    train_seconds: float = 0.0  # the training steps alone: what train.time_limit counts
+    resumed_from: int | None = None  # the step --resume continued from
     nonfinite_steps: int = 0  # updates skipped for a non-finite loss or gradient
     stopped_by: str = ""  # the signal that ended the run early (a checkpoint was saved)
     time_limited: bool = False  # train.time_limit ended the run (evaluated and saved as a last step)
@@ -125,16 +128,47 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, progress: b
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise MtplabError("monostep training runs in one process (no torchrun)")
-        return train_monostep(config, Path(out_dir), resume, progress)
+        with _cleanup_on_failure(Path(out_dir)):
+            return train_monostep(config, Path(out_dir), resume, progress)
     device = pick_device(config.train.device)
     ranks = distributed.start(device)
     if ranks.active and device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
     try:
-        return _train(config, Path(out_dir), resume, progress and ranks.main, device, ranks)
+        with _cleanup_on_failure(Path(out_dir), ranks.main):
+            return _train(config, Path(out_dir), resume, progress and ranks.main, device, ranks)
     finally:
         distributed.stop(ranks)
+
+
+@contextlib.contextmanager
+def _cleanup_on_failure(out_dir: Path, main: bool = True):
+    """A run that fails before saving any step leaves no directory behind if it made it (its
+    tokenizer and data cache included): a failed command leaves nothing half-made."""
+    made = not out_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if main and made and out_dir.is_dir() and not step_dirs(out_dir) \
+                and not (out_dir / TRAINER_STATE).exists():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def resume_point(out_dir: Path, main: bool = True):
+    """--resume: the newest checkpoint that reads back, as `load_latest` gives it (None when the
+    run has none yet), and a line on stderr saying where training continues."""
+    if not out_dir.is_dir():
+        raise MtplabError(f"cannot resume: {out_dir} does not exist")
+    if main:
+        remove_partial_writes(out_dir)
+    checkpoint = load_latest(out_dir)
+    if main:
+        where = (f"resuming from step {checkpoint[0]} ({checkpoint[3]})" if checkpoint is not None
+                 else f"{out_dir} has no checkpoint yet: starting from step 0")
+        print(f"mtplab: {where}", file=sys.stderr)
+    return checkpoint
 
 
 def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: torch.device,
@@ -145,15 +179,8 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
 
     checkpoint, tokenizer = None, None
     if resume:
-        if not out_dir.is_dir():
-            raise MtplabError(f"cannot resume: {out_dir} does not exist")
-        if ranks.main:
-            remove_partial_writes(out_dir)
-        checkpoint = load_latest(out_dir)
-        if checkpoint is None:
-            if ranks.main:
-                print(f"mtplab: {out_dir} has no checkpoint yet: starting from step 0", file=sys.stderr)
-        else:
+        checkpoint = resume_point(out_dir, ranks.main)
+        if checkpoint is not None:
             tokenizer = load_tokenizer(checkpoint[3])
     if checkpoint is None:
         try:
@@ -213,7 +240,8 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
     autocast = autocast_for(device, t_cfg.dtype)
     weights = config.model.head_weights
     run_config = config.to_dict()
-    result = TrainResult(model, dataset, out_dir, start, main=ranks.main)
+    result = TrainResult(model, dataset, out_dir, start, main=ranks.main,
+                         resumed_from=start if checkpoint is not None else None)
     rows = ranks.rows(t_cfg.batch_size)
     step_backward = backward_all_heads if sharded else backward_heads
     # a tokenizer without a pad token pads with eos, which must stay scored
@@ -251,7 +279,7 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
                desc=f"train {model.num_parameters() / 1e6:.2f}M", dynamic_ncols=True)
     model.train()
     t0 = window_t0 = time.perf_counter()
-    window_tokens = 0
+    window_tokens, side = 0, 0.0  # side: seconds spent evaluating and saving, apart from training
     with StopSignals() as signals:
         for step in range(start, t_cfg.steps):
             reset = t_cfg.tst_reset_optimizer and phase1 > 0
@@ -284,7 +312,9 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
             if not sharded:  # FSDP reduces the gradients itself, during backward
                 distributed.sum_gradients(ranks, model)
             # one all-reduce for the losses and the stop flag, so that every rank decides alike
-            time_up = bool(t_cfg.time_limit) and time.perf_counter() - t0 >= t_cfg.time_limit
+            # rank 0's clock decides (the others wait out its evaluations and saves under ddp)
+            time_up = (ranks.main and bool(t_cfg.time_limit)
+                       and time.perf_counter() - t0 - side >= t_cfg.time_limit)
             shared = distributed.sum_(ranks, torch.tensor(head_losses + [float(bool(signals.received)),
                                                                          float(time_up)], dtype=torch.float64))
             head_losses, stop, time_up = shared[:-2].tolist(), bool(shared[-2]), bool(shared[-1])
@@ -316,10 +346,12 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
                 _append(out_dir / METRICS, row)
                 bar.set_postfix(loss=f"{loss:.3f}", head0=f"{head_losses[0]:.3f}", tok_s=f"{tok_s:,.0f}")
             scheduled = done % t_cfg.eval_every == 0 or done == t_cfg.steps or time_up
+            side_t0 = time.perf_counter()
             if scheduled and (ranks.main or sharded):
                 evaluate(done)
             if (scheduled or stop) and (ranks.main or sharded):
                 last_good = save(done)
+            side += time.perf_counter() - side_t0
             if time_up and not stop:  # a finished run, only shorter: evaluated and saved above
                 result.time_limited = True
                 break
@@ -331,6 +363,7 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
         plot_losses(out_dir / METRICS, out_dir / LOSS_PLOT)
     result.nonfinite_steps = guard.skipped
     result.seconds = time.perf_counter() - t0
+    result.train_seconds = result.seconds - side
     return result
 
 

@@ -97,8 +97,8 @@ def test_right_heads_accept_every_draft(oracle):
     out = spec_ids(model, prompt, 25, stats=stats)
     assert out == generate_ids(model, prompt, 25)
     assert stats.acceptance_by_position == [1.0, 1.0, 1.0]
-    assert stats.forwards == 1 + 6 and stats.tokens_per_forward == pytest.approx(25 / 7)
-    # every forward after the prompt yields k + 1 = 4 tokens
+    # the prompt's forward gives the first token; every decoding forward after it k + 1 = 4 (tau)
+    assert (stats.prefills, stats.forwards, stats.tokens, stats.tokens_per_forward) == (1, 6, 25, 4.0)
     events = list(generate_speculative(model, prompt, 25))
     assert [len(e.tokens) for e in events] == [1, 4, 4, 4, 4, 4, 4]
     assert events[1].accepted == [True, True, True, False]

@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def test_save_then_load_gives_identical_logits(tiny_run):
             assert torch.equal(a, b)
 
 
-def test_resume_continues_to_bit_identical_weights(tmp_path, monkeypatch):
+def test_resume_continues_to_bit_identical_weights(tmp_path, monkeypatch, capfd):
     config = load_config(TINY, SMALL)
     trainer.train(config, tmp_path / "straight", progress=False)
 
@@ -53,8 +54,10 @@ def test_resume_continues_to_bit_identical_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "save_step", real_save)
     assert json.loads((tmp_path / "resumed" / "config.json").read_text())["step"] == 10
 
+    capfd.readouterr()
     result = trainer.train(load_config(TINY, SMALL), tmp_path / "resumed", resume=True, progress=False)
-    assert result.step == 20
+    assert result.step == 20 and result.resumed_from == 10
+    assert "mtplab: resuming from step 10 (" in capfd.readouterr().err  # says where it continues
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -131,3 +134,32 @@ def test_time_limit_ends_the_run_as_if_finished(tmp_path, capsys):
     assert rows[-1]["step"] == config["step"] and "eval_loss" in rows[-1]  # evaluated at the end
     with pytest.raises(MtplabError, match="time_limit"):
         load_config(TINY, ["train.time_limit=-1"])
+
+
+def test_time_limit_counts_training_steps_not_evaluations(tmp_path, monkeypatch):
+    real, evals = trainer.evaluate_heads, []
+
+    def slow_evaluation(*args):
+        evals.append(1)
+        time.sleep(0.4)
+        return real(*args)
+
+    monkeypatch.setattr(trainer, "evaluate_heads", slow_evaluation)
+    config = load_config(TINY, SMALL[2:] + ["train.steps=1000000", "train.eval_every=2", "train.time_limit=1.0"])
+    result = trainer.train(config, tmp_path / "timed", progress=False)
+    assert result.time_limited and len(evals) >= 3
+    assert result.train_seconds >= 1.0  # the limit is training time: 0.4 s per evaluation on top
+    assert result.seconds - result.train_seconds >= 0.4 * len(evals)
+
+
+def test_a_run_that_fails_before_saving_leaves_no_directory(tmp_path):
+    out = tmp_path / "runs" / "failed"
+    config = load_config(TINY, SMALL + [f"train.init_from={tmp_path / 'missing'}"])
+    with pytest.raises(MtplabError, match="no checkpoint directory"):
+        trainer.train(config, out, progress=False)
+    assert not out.exists()
+    out.mkdir(parents=True)  # a directory that was there before stays (and what is in it)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(MtplabError):
+        trainer.train(load_config(TINY, SMALL + [f"train.init_from={tmp_path / 'missing'}"]), out, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
