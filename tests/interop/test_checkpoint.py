@@ -57,6 +57,10 @@ def test_a_tokenizer_bigger_than_the_model_vocabulary(capsys, copy_of_run):
     (copy_of_run / "config.json").unlink()
     (copy_of_run / "config.json").write_text(json.dumps(config))
     code, _, err = generate(capsys, copy_of_run)
+    assert_one_line_error(code, err, "model.vocab_real (384) must be between 0 and model.vocab_size (64)")
+    del config["model"]["vocab_real"]  # a checkpoint from before the field: the tokenizer is checked
+    (copy_of_run / "config.json").write_text(json.dumps(config))
+    code, _, err = generate(capsys, copy_of_run)
     assert_one_line_error(code, err, "tokenizer has")
 
 

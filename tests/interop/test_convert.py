@@ -565,3 +565,51 @@ def test_nanochat_refuses_missing_or_misshaped_tensors(capsys, tmp_path, nano_to
                            "--tokenizer", tok_dir)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "o").exists()
+
+
+# -- a vocabulary that is not a multiple of 64: the padded ids are never emitted -----------------
+def reference_greedy(logits_of, prompt, n):
+    """Greedy decoding as GELU_GPT and nanochat do it: the whole context each step, logits cut to
+    vocab_size (inside `logits_of`) before the argmax."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(logits_of(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("fmt", ["gelu-d12", "nanochat"])
+def test_500_tokens_in_512_rows_decode_as_the_reference(capsys, tmp_path, nano_tokenizer, fmt):
+    tok_dir, tok = nano_tokenizer
+    vocab = 500
+    untied = fmt == "nanochat"
+    p = random_gelu_gpt(11, vocab_rows=512, n_kv_head=2 if untied else 4, untied=untied)
+    head = "lm_head.weight" if untied else "wte.weight"
+    p[head][vocab:] *= 4  # the 12 padded rows would win most argmaxes if nothing cut them off
+    if untied:
+        nanochat_files(tmp_path / "d4", 1, p, vocab)
+        source, kw = tmp_path / "d4", dict(n_kv_head=2, mlp="relu2", eps=torch.finfo(torch.float32).eps)
+        p = {**p, "wte.weight": p["wte.weight"].bfloat16()}  # as nanochat_files stores it
+    else:
+        source = tmp_path / "gelu_gpt.pt"
+        torch.save({"config": gelu_config(vocab), "state_dict": p}, source)
+        kw = dict(n_kv_head=4, mlp="gelu", eps=1e-6)
+    code, text, err = run_cli(capsys, "convert", fmt, source, "--out", tmp_path / "ckpt", "--tokenizer", tok_dir)
+    assert code == 0, err
+    assert "vocabulary 512 rows (500 real" in text
+    model, _ = load_model(tmp_path / "ckpt")
+    assert (model.config.vocab_size, model.config.vocab_real) == (512, 500)
+
+    def full(ids):
+        return reference_logits(p, ids, rope_base=1e5, window_pattern="SSSL", short=SHORT, n_head=4, **kw)
+
+    prompts = [IDS[0, :n].tolist() for n in (3, 9, 20)] + [IDS[1, :5].tolist()]
+    uncut = full(IDS).argmax(-1)
+    assert (uncut >= vocab).float().mean() > 0.5  # without the cut, padded ids win
+    with torch.no_grad():
+        ours = model(IDS)[0]
+    assert torch.all(ours[..., vocab:] == float("-inf"))
+    assert (ours[..., :vocab] - full(IDS)[..., :vocab]).abs().max() < 1e-4
+    for prompt in prompts:
+        expected = reference_greedy(lambda ids: full(ids)[..., :vocab], prompt, 12)
+        assert generate_ids(model, prompt, 12) == expected
+        assert max(expected) < vocab

@@ -54,11 +54,24 @@ def exported(tmp_path, tokenizer, fmt="native", **overrides):
     return model, out, written
 
 
+def real(logits, tokenizer):
+    """mtplab's logits at the tokenizer's ids, after checking that the padded ids' are -inf: the
+    native export holds the real rows only."""
+    assert torch.all(logits[..., tokenizer.vocab_size:] == float("-inf"))
+    return logits[..., :tokenizer.vocab_size]
+
+
 def assert_same_model(a, b):
+    """Bit for bit, but for the padded vocabulary rows, which come back as zeros."""
     assert a.config == b.config
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
-    assert all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    n = a.config.real_vocab_size
+    for k in sa:
+        if k in ("wte.weight", "lm_head.weight"):
+            assert not sb[k][n:].any()
+            sa, sb = {**sa, k: sa[k][:n]}, {**sb, k: sb[k][:n]}
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
 
 
 @pytest.mark.parametrize("trunk", TRUNKS)
@@ -73,7 +86,8 @@ def test_native_export_loads_without_remote_code_and_matches(tmp_path, tokenizer
     assert type(hf).__name__ == arch
     ids = torch.tensor([tokenizer.encode(PROMPT)])
     with torch.no_grad():
-        assert (hf(ids).logits - model(ids)[0]).abs().max().item() < 1e-5
+        assert (hf(ids).logits - real(model(ids)[0], tokenizer)).abs().max().item() < 1e-5
+    assert config["vocab_size"] == tokenizer.vocab_size < model.config.vocab_size
     prompt = ids[0].tolist()
     assert greedy_hf(hf, prompt, 12) == generate_ids(model, prompt, 12, eos_id=tokenizer.eos_id)
 
@@ -90,7 +104,7 @@ def test_left_padded_batch_gives_each_row_its_own_result(tmp_path, tokenizer, tr
     with torch.no_grad():
         logits = hf(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
         for row, p in enumerate(prompts):
-            want = model(torch.tensor([p]))[0][0]
+            want = real(model(torch.tensor([p]))[0][0], tokenizer)
             assert (logits[row, width - len(p):] - want).abs().max().item() < 1e-5
         out_ids = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                               pad_token_id=pad)
@@ -113,7 +127,7 @@ def test_convert_hf_gives_back_the_checkpoint_bit_for_bit(tmp_path, tokenizer, f
     assert set(index["weight_map"].values()) == {"model.safetensors"}  # vLLM loads only that file
     ids = torch.tensor([tokenizer.encode(PROMPT)])
     with torch.no_grad():  # the standard model alone is head 0 of the mtplab model
-        assert (load_native(out)(ids).logits - model(ids)[0]).abs().max().item() < 1e-5
+        assert (load_native(out)(ids).logits - real(model(ids)[0], tokenizer)).abs().max().item() < 1e-5
     convert("hf", out, tmp_path / "back")
     back, back_tokenizer = load_model(tmp_path / "back")
     assert_same_model(model, back)
@@ -152,12 +166,15 @@ def test_convert_hf_reads_a_plain_transformers_directory(tmp_path, tokenizer, ki
     assert not converted.report.unused
     model, _ = load_model(tmp_path / "ckpt")
     assert model.config.n_future == 1 and model.config.n_layers == 2  # the last layer is head 0
+    # 320 rows, 300 tokens: the rows beyond the tokenizer's ids are padding, never emitted
+    assert model.config.vocab_real == tokenizer.vocab_size == 300
     ids = torch.tensor([tokenizer.encode(PROMPT)])
     with torch.no_grad():
-        assert (hf(ids).logits - model(ids)[0]).abs().max().item() < 1e-5
-    export(tmp_path / "ckpt", tmp_path / "again", "native")  # and out again: the same tensors
+        assert (hf(ids).logits[..., :300] - real(model(ids)[0], tokenizer)).abs().max().item() < 1e-5
+    export(tmp_path / "ckpt", tmp_path / "again", "native")  # and out again: the same real rows
     again = load_native(tmp_path / "again")
-    assert all(torch.equal(a, b) for a, b in zip(hf.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a[:300] if a.size(0) == 320 else a, b)
+               for a, b in zip(hf.state_dict().values(), again.state_dict().values()))
 
 
 @pytest.mark.parametrize("overrides, feature", [
