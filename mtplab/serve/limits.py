@@ -11,7 +11,8 @@ The HTTP layer is uvicorn's h11 protocol; what it lacks is added here, the rest 
   `Content-Length` over `max_body_bytes` is a 413 at once, a chunked body is a 413 as soon as
   that much has come (never more is read), and a body not complete `body_timeout` seconds after
   its headers is a 408. Each closes the connection (`Connection: close`): the rest of the body is
-  never read.
+  never read, only drained for up to LINGER_S seconds (read and dropped, so that the client,
+  still sending, reads the answer instead of a connection reset).
 - `keep_alive` (idle seconds between requests) and `max_connections` (beyond it uvicorn answers
   503) are uvicorn's `timeout_keep_alive` and `limit_concurrency`.
 - `max_prompt_tokens` (None: the context window less one) is checked by the app (400).
@@ -23,6 +24,9 @@ import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
+
+
+LINGER_S = 2.0  # after refusing a body: how long the rest is drained before the connection closes
 
 
 @dataclass(frozen=True)
@@ -141,10 +145,12 @@ def http_protocol(header_timeout: float, max_header_bytes: int):
                          f"{header_timeout:g} s", "request_timeout")
 
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+            super().connection_made(_Lingering(transport, self))
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if self.transport.draining:  # the answer is out; what the client still sends is dropped
+                return
             if self.cycle is None or self.cycle.response_complete:  # between requests: a new one begins
                 self._arm()
             if self.header_timer is not None:  # reading headers: count them up to their blank line
@@ -164,6 +170,36 @@ def http_protocol(header_timeout: float, max_header_bytes: int):
             super().connection_lost(exc)
 
     return LimitedH11Protocol
+
+
+class _Lingering:
+    """The connection's transport, but `close()` while the client is still sending a body (a
+    refused one) ends our side (FIN) and drops what comes for up to LINGER_S seconds before it
+    closes: a close with unread data would reset the connection, and the client could lose the
+    413 it was sent."""
+
+    def __init__(self, transport, protocol):
+        self._transport, self._protocol = transport, protocol
+        self.draining = False
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.draining or self._transport.is_closing()
+
+    def close(self) -> None:
+        import h11
+
+        if self.draining or self._transport.is_closing():
+            return
+        if self._protocol.conn.their_state is not h11.SEND_BODY or not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        self.draining = True
+        self._transport.write_eof()  # the answer is flushed first; the client reads it, then EOF
+        self._protocol.flow.resume_reading()  # uvicorn paused reading the body the app never took
+        self._protocol.loop.call_later(LINGER_S, self._transport.close)
 
 
 def uvicorn_config(app, limits: Limits = Limits(), **options):
