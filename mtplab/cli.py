@@ -74,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
     p.add_argument("--model-name", default=None, help="the model's id in the API (default: directory name)")
-    p.add_argument("--max-batch", "--max-active", dest="max_batch", type=int, default=16,
-                   help="requests decoded together in one batch (1: one forward per request in turn)")
+    p.add_argument("--max-batch", "--max-active", dest="max_batch", type=int, default=None,
+                   help="requests decoded together in one batch (1: one forward per request in turn; "
+                        "default: as many as --kv-memory holds, at most 64)")
+    p.add_argument("--kv-memory", type=int, default=1024, metavar="MIB",
+                   help="KV cache the default --max-batch may fill (MiB)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429")
     # what one client may cost (mtplab/serve/limits.py); the defaults protect a laptop
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (1 MiB)")
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
                    help="gsm8k: decode speculatively (default: on with >1 head; the answers are the same)")
     p.add_argument("--out", default=None, help="gsm8k: per-example jsonl (default CHECKPOINT/eval_gsm8k.jsonl)")
+    p.add_argument("--long-examples", choices=["window", "truncate", "skip"], default="window",
+                   help="loss on a jsonl: examples longer than the context are scored with a sliding "
+                        "window (default, as ppl), cut from the left, or skipped")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("info", help="architecture summary: parameters by part, FLOPs per token")
@@ -345,7 +351,8 @@ def cmd_serve(args) -> None:
         raise MtplabError("--" + str(exc).replace("_", "-")) from None
 
     serve(args.checkpoint, args.host, args.port, args.api_key, args.model_name, args.max_queue,
-          args.max_batch, args.device, limits=limits, think_loops=args.think_loops)
+          args.max_batch, args.device, limits=limits, think_loops=args.think_loops,
+          kv_memory_mib=args.kv_memory)
 
 
 def read_prompts(path: str | None, tokenizer, chat: bool) -> list[list[int]]:
@@ -428,7 +435,7 @@ def cmd_eval(args) -> None:
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval_gsm8k.jsonl"
     result, summary = evaluate_task(model, tokenizer, args.task, args.data, args.limit,
                                     args.max_new_tokens, out, progress=True, batch_size=args.batch_size,
-                                    speculative=args.speculative)
+                                    speculative=args.speculative, long=args.long_examples)
     print(json.dumps(result) if args.json else summary)
 
 

@@ -40,8 +40,9 @@ def monostep_block_loss(model, batches: BlockBatches, limit: int | None = None) 
 def causal_block_loss(model, pairs: list[tuple[list[int], list[int]]], slots: int,
                       limit: int | None = None) -> dict:
     """pairs: (prompt ids, answer ids ending in eos); one forward per example scores all its blocks.
-    Head k stands for slot k (the model needs SLOTS heads); examples longer than the context are
-    skipped."""
+    Head k stands for slot k (the model needs SLOTS heads). An example longer than the context
+    scores each block from the context's worth of tokens before it (one forward per block), as
+    Monostep's metric keeps the last max_len tokens of each prefix."""
     if model.n_future < slots:
         raise ValueError(f"the model has {model.n_future} heads; the block loss needs {slots}")
     totals, counts = torch.zeros(slots), torch.zeros(slots)
@@ -49,6 +50,18 @@ def causal_block_loss(model, pairs: list[tuple[list[int], list[int]]], slots: in
     for prompt, answer in pairs[:limit]:
         ids = prompt + answer
         if len(ids) - 1 > window:
+            ahead = slots - 1 if model.heads.reads_ahead else 0  # the block's tokens a head reads
+            for start in range(len(prompt), len(ids), slots):
+                # the block's prefix (and the block's tokens its heads read), `window` tokens in all
+                begin = max(0, start + ahead - window)
+                x = torch.tensor([ids[begin:min(len(ids) - 1, start + ahead)]], device=model.device)
+                end = start - 1 - begin  # the prefix's last position
+                logits = model(x, n_heads=slots)
+                for k in range(min(slots, len(ids) - start)):
+                    if end < logits[k].size(1):  # sequential depth k covers T - k positions
+                        target = torch.tensor([ids[start + k]], device=model.device)
+                        totals[k] += float(F.cross_entropy(logits[k][0, end:end + 1].float(), target))
+                        counts[k] += 1
             continue
         x = torch.tensor([ids[:-1]], device=model.device)
         logits = model(x, n_heads=slots)  # head k: [1, T - (k if sequential), V]

@@ -42,6 +42,7 @@ class Heads(nn.Module):
     """The interface. Subclasses set `n_layers` and implement `hidden` and `flops_per_token`."""
 
     n_layers = 0  # KV-cache layers the heads' blocks use, after the trunk's
+    reads_ahead = False  # head k at position t reads the inputs up to t + k (its state covers T - k)
 
     def follow_trunk(self, first_layer: int) -> None:
         """Place the heads' cache layers behind a trunk that uses `first_layer` of them (a looped
@@ -189,6 +190,8 @@ class SequentialModule(nn.Module):
 
 
 class SequentialHeads(Heads):
+    reads_ahead = True
+
     def __init__(self, config: ModelConfig, first_layer: int):
         super().__init__()
         # Each module keeps its own cache group, so its blocks are layer 0 of that group.

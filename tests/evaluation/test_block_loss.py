@@ -55,6 +55,11 @@ def test_causal_block_loss_reads_head_k_at_each_prefix_end(family):
 
     got = causal_block_loss(model, PAIRS, 4)
     assert got["loss"] == pytest.approx(manual(heads_at_end, PAIRS, 4), abs=1e-5)
+    # longer than the context: each block from the last `window` tokens before it, none skipped
+    model.config.max_seq_len = 4
+    short = causal_block_loss(model, PAIRS, 4)
+    assert short["tokens"] == got["tokens"]
+    assert short["loss"] == pytest.approx(manual(lambda prefix: heads_at_end(prefix[-4:]), PAIRS, 4), abs=1e-5)
     with pytest.raises(ValueError, match="heads"):
         causal_block_loss(model, PAIRS, 5)
 
