@@ -5,14 +5,21 @@ approximation of its polar factor (U V^T of its SVD) from 5 Newton–Schulz iter
 quintic coefficients (3.4445, -4.7750, 2.0315). Those coefficients trade exactness for speed: the
 singular values come out in roughly [0.7, 1.2] rather than exactly 1, which is what Muon wants.
 
-Aurora (Tilde Research, seed 002's matrix optimizer) is Muon plus row-norm balancing: the polar
-factor of a tall matrix has orthonormal *columns*, so its rows (one per output neuron) can have very
-unequal norms and some neurons barely move. Aurora alternates the polar step with a step that pulls
-every row norm towards their mean (2 rounds, strength beta = 0.5). A wide matrix's polar factor has
-orthonormal rows, so balancing changes it little; square matrices are left exactly as Muon's.
+Aurora (Tilde Research's public release, seed 002's matrix optimizer) takes an *exact* polar factor
+whose row norms are balanced. The polar factor U of a tall m x n update has orthonormal columns, so
+its squared row norms (one per output neuron) sum to n but can be very unequal. Aurora exploits the
+freedom of a diagonal left preconditioner D: polar(D G) is still a matrix with orthonormal columns,
+and D is chosen so that its squared row norms all come out near the mean n / m. D starts at
+1 / (row norm of G); after each polar step it is multiplied by (target / row_sq(U))^0.5; two polar
+steps, the last U is the update. A wide matrix goes through its transpose (so its *columns* are
+balanced and its rows orthonormal); a square one has no freedom left and takes the plain polar
+factor. The polar factor is accurate: 12 Newton–Schulz iterations of the simple quintic
+p(s) = 2s - 1.5s^3 + 0.5s^5 (s = 1 super-attracting), in fp32 (the reference's bf16 is a GPU speed
+choice).
 
-Both scale the update by sqrt(max(1, rows/cols)) and use decoupled weight decay. Embeddings, the
-unembedding, norms and scalars are not "hidden matrices" and go to AdamW with their own learning rate.
+Both use Nesterov momentum (0.95), scale the update by sqrt(max(1, rows/cols)) and use decoupled
+weight decay. Embeddings, the unembedding, norms and scalars are not "hidden matrices" and go to
+AdamW with their own learning rate.
 """
 
 from __future__ import annotations
@@ -39,20 +46,51 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return x.T if tall else x
 
 
-def balance_rows(x: torch.Tensor, beta: float = 0.5, eps: float = 1e-7) -> torch.Tensor:
-    """Scale each row by (mean row norm / its norm)^beta: beta = 1 equalises, 0 does nothing."""
-    norms = x.norm(dim=1, keepdim=True)
-    return x * ((norms.mean() + eps) / (norms + eps)) ** beta
+POLAR_COEFFS = (2.0, -1.5, 0.5)  # p(s) = 2s - 1.5s^3 + 0.5s^5: fixed points 0, 1, sqrt(2)
+POLAR_STEPS = 12
 
 
-def orthogonal_update(g: torch.Tensor, kind: str, steps: int = 5, rounds: int = 2,
-                      beta: float = 0.5) -> torch.Tensor:
-    """The direction Muon ('muon') or Aurora ('aurora') applies for gradient-momentum g."""
-    x = newton_schulz(g, steps)
-    if kind == "aurora" and x.size(0) != x.size(1):
-        for _ in range(rounds):
-            x = newton_schulz(balance_rows(x, beta), steps)
-            x = balance_rows(x, beta)
+def polar(g: torch.Tensor, steps: int = POLAR_STEPS, eps: float = 1e-7) -> torch.Tensor:
+    """Accurate polar factor U V^T of a 2-D matrix, in fp32: Frobenius normalisation puts every
+    singular value in (0, 1], then `steps` iterations of the simple quintic drive them to 1 (small
+    ones double per step, near 1 the error is cubed)."""
+    a, b, c = POLAR_COEFFS
+    x = g.float() / (g.float().norm() + eps)
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def aurora_polar(g: torch.Tensor, iterations: int = 2, beta: float = 0.5, steps: int = POLAR_STEPS,
+                 eps: float = 1e-7, return_scaling: bool = False):
+    """Aurora's direction for update g (unscaled): polar(D g) with the diagonal D re-estimated so
+    that the rows of a tall result (the columns of a wide one) have equal norms. Square: polar(g).
+    With `return_scaling`, also the last D (a column vector over the rows of the tall form)."""
+    rows, cols = g.shape
+    if rows == cols:
+        u = polar(g, steps, eps)
+        return (u, torch.ones(rows, 1)) if return_scaling else u
+    wide = rows < cols
+    x = (g.T if wide else g).float()  # tall: m > n
+    target = x.size(1) / x.size(0)  # squared row norms of an m x n matrix with orthonormal columns average n / m
+    d = 1.0 / x.norm(dim=1, keepdim=True).clamp(min=eps)
+    for k in range(iterations):
+        u = polar(d * x, steps, eps)
+        if k < iterations - 1:
+            row_sq = u.pow(2).sum(dim=1, keepdim=True).clamp(min=eps * eps)
+            d = d * (target / row_sq) ** beta
+    u = u.T if wide else u
+    return (u, d) if return_scaling else u
+
+
+def orthogonal_update(g: torch.Tensor, kind: str, steps: int = 5) -> torch.Tensor:
+    """The direction Muon ('muon', `steps` quick Newton–Schulz steps) or Aurora ('aurora') applies
+    for Nesterov momentum g, scaled by sqrt(max(1, rows/cols))."""
+    x = aurora_polar(g) if kind == "aurora" else newton_schulz(g, steps)
     return x * max(1.0, g.size(0) / g.size(1)) ** 0.5
 
 
