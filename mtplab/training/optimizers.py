@@ -76,7 +76,7 @@ def aurora_polar(g: torch.Tensor, iterations: int = 2, beta: float = 0.5, steps:
         return (u, torch.ones(rows, 1)) if return_scaling else u
     wide = rows < cols
     x = (g.T if wide else g).float()  # tall: m > n
-    target = x.size(1) / x.size(0)  # squared row norms of an m x n matrix with orthonormal columns average n / m
+    target = x.size(1) / x.size(0)  # the mean squared row norm of m x n orthonormal columns
     d = 1.0 / x.norm(dim=1, keepdim=True).clamp(min=eps)
     for k in range(iterations):
         u = polar(d * x, steps, eps)
