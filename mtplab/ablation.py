@@ -10,6 +10,7 @@ The score is the main head's held-out next-token CE in nats at the last step, as
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +126,6 @@ def run_ablation(recipe: str | Path, out_dir: str | Path, steps: int | None = No
                  progress: bool = True) -> dict:
     """Train (or resume, or skip) every selected row, then write ablation.md, ablation.json and
     loss_curves.png under `out_dir`. Returns the JSON report."""
-    from .training.trainer import train
-
     out_dir = Path(out_dir)
     overrides = list(overrides)
     if data:  # a real text corpus: packed next-token data
@@ -137,10 +136,25 @@ def run_ablation(recipe: str | Path, out_dir: str | Path, steps: int | None = No
     if steps is not None and steps < 1:
         raise MtplabError("--steps must be >= 1")
     selected = select_rows(rows)
+    made = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MtplabError(f"cannot create {out_dir}: {exc.strerror}") from None
+    try:
+        return _run_rows(recipe, out_dir, base, selected, steps, data, progress)
+    except BaseException:
+        # a command that fails before any row has a run directory leaves no directory it made
+        # (the shared tokenizer is only a cache); a row trained or under way is kept for the re-run
+        if made and out_dir.is_dir() and not any(p.is_dir() for p in out_dir.iterdir()):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _run_rows(recipe, out_dir: Path, base: Config, selected: list[Row], steps: int | None, data: str | None,
+              progress: bool) -> dict:
+    from .training.trainer import train
+
     tokenizer = shared_tokenizer(base, out_dir)
     t0 = time.perf_counter()
     results = []

@@ -69,3 +69,13 @@ def test_ablate_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert "unknown ablation row nope" in capsys.readouterr().err
     assert main(["ablate", str(TINY_RECIPE), "--out", str(tmp_path / "b"), "--quiet"]) == 2
     assert "data.format" in capsys.readouterr().err
+
+
+def test_ablate_that_fails_leaves_no_directory_it_made(tmp_path, capsys):
+    out = tmp_path / "runs" / "ablation"
+    assert main(["ablate", RECIPE, "--out", str(out), "--data", str(tmp_path / "missing.txt"), "--quiet"]) == 2
+    assert "text file not found" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()  # a directory that was there before is left alone
+    assert main(["ablate", RECIPE, "--out", str(out), "--data", str(tmp_path / "missing.txt"), "--quiet"]) == 2
+    assert out.is_dir()
