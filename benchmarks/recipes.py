@@ -24,7 +24,8 @@ from mtplab.training.losses import backward_heads
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # what each seed's card says (nrm-miniaxion's card gives only its name, "0.9M")
-PUBLISHED = {"gelu-d12": "261,096,338", "aomts-100m": "126,401,024", "nrm-miniaxion": "~0.9M (name)",
+PUBLISHED = {"gelu-d12": "261,096,338", "aomts-100m": "126,401,024 (tied matrix twice)",
+             "nrm-miniaxion": "~0.9M (name)",
              "mtp-gpt2": "124M + 1 block"}
 
 

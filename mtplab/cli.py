@@ -443,9 +443,9 @@ def cmd_info(args) -> None:
     import json
     from pathlib import Path
 
-    from .config import load_config, model_config_from_dict, parse_override
+    from .config import find_recipe, load_config, model_config_from_dict, parse_override
     from .interop.checkpoint import read_config
-    from .models.summary import format_summary, summarize
+    from .models.summary import card_parameters, format_summary, summarize
     from .training.trainer import resolve_vocab
 
     if Path(args.source).is_dir():
@@ -456,11 +456,15 @@ def cmd_info(args) -> None:
                 raise MtplabError(f"--set {text}: a checkpoint's summary takes model.* settings only")
             raw[key] = value
         config = model_config_from_dict(raw, f"{args.source}/config.json")
+        card = None
     else:
         recipe = load_config(args.source, args.overrides)
         resolve_vocab(recipe, recipe.tokenizer.vocab_size)  # as training sizes it from the tokenizer
         config = recipe.model
+        card = find_recipe(args.source).stem  # a seed's recipe: the card's count, explained
     summary = summarize(config)
+    if card and (explained := card_parameters(card, summary, config)):
+        summary["card"] = explained
     print(json.dumps({"mtplab_version": __version__, **summary}) if args.json
           else format_summary(summary, config))
 

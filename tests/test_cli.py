@@ -300,7 +300,7 @@ def test_recipes_lists_every_packaged_recipe_with_its_count_and_command(capsys):
     code, text, _ = run_cli(capsys, "recipes", "--json")
     rows = {r["name"]: r for r in json.loads(text)}
     assert code == 0 and list(rows) == list(packaged_recipes())
-    assert rows["gelu-d12"]["parameters"] == 261_096_338 and rows["aomts-100m"]["parameters"] == 126_401_024
+    assert rows["gelu-d12"]["parameters"] == 261_096_338 and rows["aomts-100m"]["parameters"] == 118_209_024
     assert rows["tiny"]["train"] == "mtplab train --recipe tiny --out runs/tiny"
     assert rows["demo"]["train"] == "mtplab demo"
     assert rows["aomts-ablation"]["train"].startswith("mtplab ablate aomts-ablation ")

@@ -73,6 +73,29 @@ def _summarize_monostep(config: ModelConfig, context: int) -> dict:
             "family": "monostep", "context": context, "flops_per_forward": per_forward}
 
 
+# The parameter counts the seeds' cards publish for the recipes that reproduce them.
+CARD_PARAMETERS = {"aomts-100m": (126_401_024, "seed 002's card"),
+                   "gelu-d12": (261_096_338, "seed 004's card")}
+
+
+def card_parameters(recipe_name: str, summary: dict, config: ModelConfig) -> dict | None:
+    """The card's parameter count beside the built one, and how the two relate (a card may count
+    a tied embedding / unembedding matrix twice, once as each); None for a recipe with no card."""
+    if recipe_name not in CARD_PARAMETERS:
+        return None
+    published, source = CARD_PARAMETERS[recipe_name]
+    built = summary["parameters"]
+    tied = config.vocab_size * config.d_model if config.tie_embeddings else 0
+    if published == built:
+        explained = f"{published:,}: the same count"
+    elif tied and published == built + tied:
+        explained = (f"{published:,} = the {built:,} unique parameters + the tied {config.vocab_size:,} x "
+                     f"{config.d_model} embedding / unembedding matrix ({tied:,}) counted a second time")
+    else:
+        explained = f"{published:,}, {published - built:+,} against the {built:,} built"
+    return {"parameters": published, "source": source, "explained": explained}
+
+
 def format_summary(summary: dict, config: ModelConfig) -> str:
     c = config
     b = summary["breakdown"]
@@ -93,6 +116,7 @@ def format_summary(summary: dict, config: ModelConfig) -> str:
         *_feature_lines(c),
         f"parameters: {summary['parameters']:,}",
         f"  embeddings {b['embeddings']:,}   trunk {b['trunk']:,}   heads {b['heads']:,}",
+        *([f"  {summary['card']['source']}: {summary['card']['explained']}"] if summary.get("card") else []),
         f"forward FLOPs per token at context {summary['context']}: "
         f"{summary['flops_per_token_next_token'] / 1e6:,.1f}M next-token path, "
         f"{summary['flops_per_token_all_heads'] / 1e6:,.1f}M all heads (training ~3x)",

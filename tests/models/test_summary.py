@@ -13,13 +13,25 @@ from tests.conftest import ROOT
 RECIPES = ROOT / "recipes"
 
 
-def test_aomts_100m_matches_the_card():
-    summary = summarize(load_config(RECIPES / "aomts-100m.toml").model)
-    assert summary["parameters"] == 126_401_024
+def test_aomts_100m_matches_the_card(capsys):
+    config = load_config(RECIPES / "aomts-100m.toml").model
+    summary = summarize(config)
+    assert config.tie_embeddings  # the card: "Tied embeddings: Yes"
+    assert summary["parameters"] == 118_209_024
     assert summary["per_head_module"] == {"heads.modules_.0": 8_947_712}
-    # card: 8,192,000 embeddings + 109,261,312 "blocks" (an untied 16,000 x 512 output matrix among them)
+    # card: 8,192,000 tied embeddings + 109,261,312 "blocks" (the tied 16,000 x 512 matrix again among
+    # them) + 8,947,712 MTP = 126,401,024: the unique count plus the tied matrix a second time
     b = summary["breakdown"]
-    assert b["embeddings"] == 2 * 8_192_000 and b["trunk"] == 109_261_312 - 8_192_000
+    assert b == {"embeddings": 8_192_000, "trunk": 109_261_312 - 8_192_000, "heads": 8_947_712}
+    assert summary["parameters"] + 16_000 * 512 == 126_401_024
+    assert main(["info", str(RECIPES / "aomts-100m.toml"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 118_209_024 and info["per_head_module"]["heads.modules_.0"] == 8_947_712
+    assert info["card"]["parameters"] == 126_401_024
+    assert "118,209,024 unique parameters + the tied 16,000 x 512" in info["card"]["explained"]
+    assert "counted a second time" in info["card"]["explained"]
+    assert main(["info", "aomts-100m"]) == 0  # the text summary says the same
+    assert "seed 002's card: 126,401,024 = the 118,209,024 unique" in capsys.readouterr().out
 
 
 def test_mtp_gpt2_is_gpt2_124m_plus_one_block():

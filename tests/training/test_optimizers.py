@@ -113,7 +113,7 @@ def test_parameter_groups_and_learning_rates():
     assert isinstance(opt, MatrixOptimizer)
     kinds = {id(p): g for g in opt.param_groups for p in g["params"]}
     assert kinds[id(model.wte.weight)]["kind"] == "adamw" and kinds[id(model.wte.weight)]["lr"] == 3e-4
-    assert kinds[id(model.lm_head.weight)]["kind"] == "adamw"
+    assert kinds[id(model.unembedding)]["kind"] == "adamw"  # tied: the embedding itself
     assert kinds[id(model.norm_f.weight)]["weight_decay"] == 0.0
     matrix = model.blocks[0].mlp.parameters().__next__()
     assert kinds[id(matrix)]["kind"] == "aurora" and kinds[id(matrix)]["base_lr"] == 0.02
