@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,53 @@ def row_config(base: Config, row: Row, steps: int | None, tokenizer: Path) -> Co
     return config
 
 
+# What the rows themselves set: a --set of these would be overwritten row by row.
+ROW_KEYS = ("model.n_future", "train.tst_reset_optimizer", "train.schedule")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key in ROW_KEYS:
+            raise MtplabError(f"--set {text}: every ablation row sets {key} itself (the rows are "
+                              f"defined by {', '.join(ROW_KEYS)}); use --rows to pick rows")
+
+
+def tst_tokens_needed(base: Config, rows: list[Row], steps: int | None) -> tuple[int, int]:
+    """(tokens, window): what TST phase 1 of the selected rows needs, one batch of distinct
+    windows of bag x (seq_len + 1) + heads - 1 raw tokens (0, 0 when no row runs phase 1)."""
+    from .training import tst
+
+    needed = (0, 0)
+    for row in rows:
+        config = row_config(base, row, steps, Path("tokenizer.json"))
+        if tst.phase1_steps(config):
+            window = tst.window_length(config.data.seq_len, config.train.tst_bag, config.model.n_future)
+            needed = max(needed, (config.train.batch_size * (window - 1) + 1, window))
+    return needed
+
+
+def check_tst_corpus(base: Config, rows: list[Row], steps: int | None, tokenizer: Path) -> None:
+    """Refuse, before any row trains, a corpus whose training split cannot fill one TST batch."""
+    from .data.pipeline import _texts, load_examples
+    from .tokenizer import Tokenizer
+
+    needed, window = tst_tokens_needed(base, rows, steps)
+    if not needed:
+        return
+    tok = base.tokenizer
+    tokenizer = Tokenizer.from_path(tokenizer, tok.special_tokens, tok.eos, tok.chat_template)
+    train, _ = load_examples(base)
+    have = sum(len(doc) + 1 for doc in tokenizer.encode_batch(_texts(train, tokenizer.eos)) if doc)
+    if have < needed:
+        t = base.train
+        raise MtplabError(
+            f"data: the training split has {have:,} tokens, too few for the TST phase: it needs at least "
+            f"{needed:,} (one batch of {t.batch_size} windows of {window} tokens = bag "
+            f"{t.tst_bag or 6} x (seq_len {base.data.seq_len} + 1) + heads - 1); use a larger corpus "
+            "or lower data.seq_len, train.tst_bag or train.batch_size")
+
+
 def select_rows(names: str | None) -> list[Row]:
     if not names:
         return list(ROWS)
@@ -135,6 +183,7 @@ def run_ablation(recipe: str | Path, out_dir: str | Path, steps: int | None = No
         raise MtplabError("ablate needs packed text (data.format = \"lm\"): TST reads bags of tokens")
     if steps is not None and steps < 1:
         raise MtplabError("--steps must be >= 1")
+    check_overrides(overrides)
     selected = select_rows(rows)
     made = not out_dir.exists()
     try:
@@ -156,22 +205,33 @@ def _run_rows(recipe, out_dir: Path, base: Config, selected: list[Row], steps: i
     from .training.trainer import train
 
     tokenizer = shared_tokenizer(base, out_dir)
+    check_tst_corpus(base, selected, steps, tokenizer)
     t0 = time.perf_counter()
     results = []
-    bar = tqdm(selected, desc="ablation", unit="row", disable=not progress, position=0)
-    for row in bar:
+    # one bar over the rows (position 0) and, below it, the current row's step bar, which clears
+    # itself when the row ends; each finished row leaves one line above the bars
+    bar = tqdm(total=len(selected), desc="ablation", unit="row", disable=not progress, position=0,
+               dynamic_ncols=True)
+    for row in selected:
         bar.set_postfix_str(row.name)
         config = row_config(base, row, steps, tokenizer)
         run_dir = out_dir / row.name
         seconds, status = 0.0, "skipped (finished)"
         if not finished(run_dir, config.train.steps):
             resume = run_dir.exists()
-            result = train(config, run_dir, resume=resume, progress=progress)
+            result = train(config, run_dir, resume=resume, progress=progress,
+                           bar_options={"position": 1, "leave": False, "desc": row.name})
             seconds, status = result.seconds, "resumed" if resume else "trained"
             if result.stopped_by:
                 raise MtplabError(f"stopped by {result.stopped_by} during {row.name}; re-run the same "
                                   "command to continue")
         loss, curve = final_eval(run_dir)
+        bar.update(1)
+        if progress:
+            shown = f"{loss:.4f}" if loss is not None else "-"
+            took = f" in {seconds:.0f} s" if seconds < 120 else f" in {seconds / 60:.1f} min"
+            bar.write(f"{row.name}: val CE {shown} nats, {status}" + (took if seconds else ""),
+                      file=sys.stderr)
         results.append({"row": row.name, "mtp_depth": row.mtp_depth, "tst": row.tst,
                         "tst_bag": config.train.tst_bag, "schedule": row.schedule, "reset": row.reset,
                         "seed": config.train.seed, "steps": config.train.steps, "val_loss": loss,

@@ -79,3 +79,74 @@ def test_ablate_that_fails_leaves_no_directory_it_made(tmp_path, capsys):
     out.mkdir()  # a directory that was there before is left alone
     assert main(["ablate", RECIPE, "--out", str(out), "--data", str(tmp_path / "missing.txt"), "--quiet"]) == 2
     assert out.is_dir()
+
+
+def _screen(stream: str) -> list[str]:
+    """What a terminal shows after `stream`: carriage returns, newlines and cursor-up (ESC[A)
+    move the cursor, other characters overwrite; other escape sequences are dropped."""
+    import re
+
+    lines, row, col = [""], 0, 0
+    for token in re.findall(r"\x1b\[A|\x1b\[[0-9;]*[A-Za-z]|\r|\n|[^\x1b\r\n]+", stream):
+        if token == "\x1b[A":
+            row = max(0, row - 1)
+        elif token.startswith("\x1b"):
+            continue
+        elif token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+            lines += [""] * (row + 1 - len(lines))
+        else:
+            line = lines[row].ljust(col)
+            lines[row] = line[:col] + token + line[col + len(token):]
+            col += len(token)
+    return [line.rstrip() for line in lines if line.strip()]
+
+
+def test_ablate_rows_steps_and_set_apply_to_every_selected_row_and_the_bars_stay_tidy(tmp_path, capsys):
+    out = tmp_path / "abl"
+    args = ["ablate", RECIPE, "--out", str(out), "--rows", "tst-1mtp,base-0mtp", "--steps", "4",
+            "--set", "train.lr=0.002", *TINY[:-1]]  # with the progress bars
+    assert main(args) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    assert sorted(r["row"] for r in report["rows"]) == ["base-0mtp", "tst-1mtp"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["base-0mtp", "tst-1mtp"]
+    for name, bag in (("tst-1mtp", 6), ("base-0mtp", 0)):
+        config = json.loads((out / name / "config.json").read_text())["run"]
+        assert config["train"]["steps"] == 4 and config["train"]["lr"] == 0.002  # --steps, --set
+        assert config["train"]["batch_size"] == 4 and config["train"]["tst_bag"] == bag
+    screen = _screen(capsys.readouterr().err)
+    # what stays on the terminal: one line per finished row, then the bar over the rows; the
+    # rows' step bars clear themselves
+    assert len(screen) == 3, screen
+    assert screen[0].startswith("tst-1mtp: val CE ") and screen[1].startswith("base-0mtp: val CE ")
+    assert screen[2].startswith("ablation: 100%") and "2/2" in screen[2]
+    # a re-run skips both rows and says so
+    assert main(args) == 0
+    screen = _screen(capsys.readouterr().err)
+    assert [line.split(", ")[-1] for line in screen[:2]] == ["skipped (finished)"] * 2
+
+
+def test_ablate_unknown_row_or_a_set_of_what_the_rows_set_is_one_line_and_exit_2(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert main(["ablate", RECIPE, "--out", str(out), "--rows", "tst-1mtp,tst-3mtp", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown ablation row tst-3mtp; rows: tst-1mtp, tst-0mtp" in err
+    assert main(["ablate", RECIPE, "--out", str(out), "--set", "model.n_future=3", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "every ablation row sets model.n_future itself" in err
+    assert not out.exists()
+
+
+def test_ablate_on_a_corpus_too_small_for_the_tst_phase_says_how_many_tokens_it_needs(tmp_path, capsys):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("".join(f"The cat number {i} sat on the mat.\n" for i in range(60)))
+    out = tmp_path / "abl"
+    argv = ["ablate", RECIPE, "--out", str(out), "--data", str(corpus), "--steps", "4", *TINY]
+    assert main(argv + ["--rows", "tst-1mtp"]) == 2
+    err = capsys.readouterr().err
+    # tst-1mtp: 2 heads, bag 6, seq_len 128: windows of 6 x 129 + 1 = 775 tokens, 4 to a batch
+    assert err.count("\n") == 1 and "too few for the TST phase: it needs at least 3,097" in err
+    assert "training split has " in err and not out.exists()
+    assert main(argv + ["--rows", "base-0mtp", "--set", "data.seq_len=32"]) == 0  # no TST: trains

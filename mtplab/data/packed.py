@@ -7,6 +7,7 @@ dtype (uint16 when the vocabulary fits, else uint32) and the count.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -16,14 +17,50 @@ from ..errors import MtplabError
 from ..interop.atomic import atomic_write, atomic_write_text
 
 
-def read_text_files(paths: Iterable[str | Path]) -> list[str]:
-    texts = []
+TEXT_SUFFIXES = (".txt", ".raw", ".text")
+_GUTENBERG_START = re.compile(r"\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|-TEXT)[^*]*\*\*\*",
+                              re.IGNORECASE)
+_GUTENBERG_END = re.compile(r"\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|-TEXT)", re.IGNORECASE)
+_GUTENBERG_END_LINE = re.compile(r"\n[ \t]*End of (?:the )?Project Gutenberg", re.IGNORECASE)
+
+
+def text_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The files `paths` name: a directory stands for its text files (.txt, .raw, .text), sorted
+    by name, not recursing."""
+    files = []
     for path in paths:
         path = Path(path)
-        if not path.is_file():
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            if not inside:
+                raise MtplabError(f"{path}: a directory with no text files ({', '.join(TEXT_SUFFIXES)})")
+            files += inside
+        elif path.is_file():
+            files.append(path)
+        else:
             raise MtplabError(f"text file not found: {path}")
+    return files
+
+
+def strip_gutenberg(text: str) -> str:
+    """A Project Gutenberg e-text without its header and licence footer: what lies between the
+    `*** START OF ... ***` and `*** END OF ...` lines (and before an "End of Project Gutenberg's ..."
+    line just above the latter). Text without both markers comes back as it is."""
+    start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
+    if not start or not end or end.start() <= start.end():
+        return text
+    body = text[start.end():end.start()]
+    tail = _GUTENBERG_END_LINE.search(body, max(0, len(body) - 2000))
+    return (body[:tail.start()] if tail else body).strip("\n") + "\n"
+
+
+def read_text_files(paths: Iterable[str | Path]) -> list[str]:
+    """One string per file (a directory: one per text file in it); Project Gutenberg boilerplate
+    is stripped."""
+    texts = []
+    for path in text_files(paths):
         try:
-            texts.append(path.read_text(encoding="utf-8"))
+            texts.append(strip_gutenberg(path.read_text(encoding="utf-8").lstrip("\ufeff")))
         except UnicodeDecodeError:
             raise MtplabError(f"{path}: not UTF-8 text") from None
     return texts

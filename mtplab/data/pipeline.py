@@ -42,13 +42,26 @@ def load_examples(config: Config) -> tuple[list, list]:
         if data.eval_path:
             return train, load_qa_jsonl(data.eval_path)
         return _split(train, data.eval_fraction)
-    text = "\n".join(read_text_files(paths))
-    if not text.strip():
+    texts = read_text_files(paths)
+    if not any(t.strip() for t in texts):
         raise MtplabError(f"{data.path}: the corpus is empty")
     if data.eval_path:
-        return [text], read_text_files([data.eval_path])
+        return texts, read_text_files([data.eval_path])
+    if len(texts) > 1:  # several files (a folder of books): hold out whole ones
+        return hold_out_documents(texts, data.eval_fraction)
+    text = texts[0]
     cut = int(len(text) * (1 - data.eval_fraction))
     return [text[:cut]], [text[cut:]]
+
+
+def hold_out_documents(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """Whole documents for evaluation: the last ones (in the order given; a directory's by name)
+    until they hold `fraction` of the characters, at least one, and at least one left to train on."""
+    total, held, n = sum(len(t) for t in texts), 0, 0
+    while n < len(texts) - 1 and (n == 0 or held < fraction * total):
+        n += 1
+        held += len(texts[-n])
+    return texts[:-n], texts[-n:]
 
 
 def build_tokenizer(config: Config, corpus: list[str]) -> Tokenizer:

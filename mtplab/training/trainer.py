@@ -119,10 +119,12 @@ def resolve_vocab(config: Config, vocab_size: int) -> None:
                           f"tokens and fit model.vocab_size ({m.vocab_size})")
 
 
-def train(config: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(config: Config, out_dir: str | Path, resume: bool = False, progress: bool = True,
+          bar_options: dict | None = None) -> TrainResult:
     """Train the model described by `config`, writing a checkpoint directory to `out_dir`. Under
     torchrun this process is one rank of a data-parallel run (see distributed.py). A Monostep model
-    (model.arch = monostep) trains with seed 000's recipe instead (see monostep.py)."""
+    (model.arch = monostep) trains with seed 000's recipe instead (see monostep.py). `bar_options`
+    go to the step bar's tqdm (e.g. position, leave, desc: `mtplab ablate` nests it under its own)."""
     if config.model.arch == "monostep":
         from .monostep import train_monostep
 
@@ -137,7 +139,8 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, progress: b
         torch.cuda.set_device(device)
     try:
         with _cleanup_on_failure(Path(out_dir), ranks.main):
-            return _train(config, Path(out_dir), resume, progress and ranks.main, device, ranks)
+            return _train(config, Path(out_dir), resume, progress and ranks.main, device, ranks,
+                          bar_options or {})
     finally:
         distributed.stop(ranks)
 
@@ -167,12 +170,12 @@ def resume_point(out_dir: Path, main: bool = True):
     if main:
         where = (f"resuming from step {checkpoint[0]} ({checkpoint[3]})" if checkpoint is not None
                  else f"{out_dir} has no checkpoint yet: starting from step 0")
-        print(f"mtplab: {where}", file=sys.stderr)
+        tqdm.write(f"mtplab: {where}", file=sys.stderr)  # above any progress bar already shown
     return checkpoint
 
 
 def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: torch.device,
-           ranks: distributed.Ranks) -> TrainResult:
+           ranks: distributed.Ranks, bar_options: dict) -> TrainResult:
     t_cfg = config.train
     distributed.check_batch(ranks, t_cfg.batch_size)
     seed_everything(t_cfg.seed)
@@ -275,8 +278,9 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
             _append(out_dir / METRICS, {"step": step, "eval_loss": _weighted(losses, weights),
                                         "eval_head_losses": losses})
 
-    bar = tqdm(total=t_cfg.steps, initial=start, disable=not progress, unit="step",
-               desc=f"train {model.num_parameters() / 1e6:.2f}M", dynamic_ncols=True)
+    bar = tqdm(**{"total": t_cfg.steps, "initial": start, "disable": not progress, "unit": "step",
+                  "desc": f"train {model.num_parameters() / 1e6:.2f}M", "dynamic_ncols": True,
+                  **bar_options})
     model.train()
     t0 = window_t0 = time.perf_counter()
     window_tokens, side = 0, 0.0  # side: seconds spent evaluating and saving, apart from training
