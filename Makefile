@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NEWEST := $(VENV)/newest
 
-.PHONY: demo test test-newest install constraints clean
+.PHONY: demo test test-newest install constraints clean figures
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-newest: $(STAMP)
 	rm -rf $(NEWEST)
 	$(BIN)/python -m pip install --quiet --upgrade --target $(NEWEST) transformers
 	PYTHONPATH=$(NEWEST) $(BIN)/python -m pytest -q -m hf
+
+# Every figure the README quotes, regenerated (runs/figures/; ~40 min on 2 CPU cores).
+figures: $(STAMP)
+	bash benchmarks/figures.sh
 
 # Pin what is installed now (after changing pyproject.toml: pip install -e '.[dev]' first).
 constraints: $(STAMP)
