@@ -122,7 +122,12 @@ def check_tst_corpus(base: Config, rows: list[Row], steps: int | None, tokenizer
     tok = base.tokenizer
     tokenizer = Tokenizer.from_path(tokenizer, tok.special_tokens, tok.eos, tok.chat_template)
     train, _ = load_examples(base)
-    have = sum(len(doc) + 1 for doc in tokenizer.encode_batch(_texts(train, tokenizer.eos)) if doc)
+    have = 0
+    for text in _texts(train, tokenizer.eos):  # encoded until there are enough (a book is plenty)
+        ids = tokenizer.encode_batch([text])[0]
+        have += len(ids) + 1 if ids else 0
+        if have >= needed:
+            return
     if have < needed:
         t = base.train
         raise MtplabError(
