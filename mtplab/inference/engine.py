@@ -32,6 +32,7 @@ from ..errors import MtplabError
 from ..models.transformer import Transformer
 from .sampling import SamplingParams, next_token_probs
 from .speculative import Randomness, SpeculativeStats, verify_row
+from .tree import DraftTree, verify_tree
 
 
 @dataclass
@@ -90,6 +91,10 @@ class Row:
         self.finished = self.cancelled = False
         # a family whose drafts cannot come from the batched forward drafts per row
         self.drafter = model.heads.drafter(model, self.n_draft, engine.cache.max_len)
+        # heads that all read one position draft a tree of their top tokens (the engine's tree
+        # cut to this row's drafts); a drafter's depths condition on their drafts: a chain
+        self.tree = engine.tree.pruned(self.n_draft) if engine.tree and self.drafter is None else None
+        self.step_tree: DraftTree | None = None  # the tree that row.drafts holds the tokens of
 
     @property
     def done(self) -> bool:
@@ -118,23 +123,28 @@ def rows_that_fit(model: Transformer, n_draft: int, budget_bytes: int, most: int
 
 class Engine:
     def __init__(self, model: Transformer, max_batch: int = 16, n_draft: int = 0,
-                 prefill_chunk: int = 256, reuse_prefix: int = 16):
+                 prefill_chunk: int = 256, reuse_prefix: int = 16, tree: DraftTree | None = None):
         """`reuse_prefix`: a new prompt that shares at least this many leading tokens with a
         decoding row (a system prompt, the earlier turns of a chat) copies that row's keys and
-        values instead of recomputing them (0: never)."""
+        values instead of recomputing them (0: never). `tree`: speculating rows verify this tree
+        of drafts each step instead of a chain (tree.py; cut to each row's n_draft deep; families
+        with a per-row drafter keep the chain)."""
         if max_batch < 1:
             raise MtplabError(f"max_batch must be >= 1, got {max_batch}")
         most = model.n_future - 1
         if not 0 <= n_draft <= most:
             raise MtplabError(f"n_draft must be between 0 and {most} (the model has {model.n_future} heads)")
-        self.model, self.max_batch, self.n_draft = model, max_batch, n_draft
+        if tree is not None and tree.depth > most:
+            raise MtplabError(f"the draft tree is {tree.depth} deep; the model has {most} draft heads")
+        self.model, self.max_batch, self.n_draft, self.tree = model, max_batch, n_draft, tree
         self.prefill_chunk, self.reuse_prefix = prefill_chunk, reuse_prefix
         # Heads whose blocks keep cache layers must see every position; the others draft from the
         # trunk's state at one position per row.
         self.cached_heads = model.heads.n_layers > 0
         self.n_heads = 1 + n_draft if self.cached_heads else 1
         # drafted positions past a row's end are written too (and dropped): room for them
-        self.cache = model.new_cache(batch=max_batch, max_len=model.config.max_seq_len + n_draft)
+        extra = max(n_draft, tree.size if tree is not None else 0)
+        self.cache = model.new_cache(batch=max_batch, max_len=model.config.max_seq_len + extra)
         self.rows: list[Row] = []  # rows[i] owns cache row i
         self.waiting: deque[Row] = deque()
 
@@ -273,7 +283,12 @@ class Engine:
         width = max(len(x) for x in inputs)
         ids = torch.tensor([x + [x[0]] * (width - len(x)) for x in inputs], device=self.model.device)
         view = self.cache.view(0, len(rows))
-        hidden = self.model.hidden_states(ids, view, self.n_heads, with_trunk=True)
+        parents = None
+        if any(r.step_tree for r in rows):  # each position's parent: a tree's, else the one before
+            parents = torch.tensor([(r.step_tree.parents() if r.step_tree else list(range(-1, len(x) - 1)))
+                                    + list(range(len(x) - 1, width - 1)) for r, x in zip(rows, inputs)],
+                                   device=self.model.device)
+        hidden = self.model.hidden_states(ids, view, self.n_heads, with_trunk=True, parents=parents)
         # Heads that share the unembedding and came with the forward: every head's logits at every
         # position in one call, so a step reads the unembedding once, as a plain step does (at
         # batch 1 decoding is bound by reading weights, not by the few extra rows of arithmetic).
@@ -288,10 +303,15 @@ class Engine:
         events, drafting = [], []
         for j, r in enumerate(rows):
             r.stats.forwards += 1
-            new, flags = verify_row(r, head0[j], greedy[j])
-            n_acc = sum(flags)
-            self.cache.lengths[j] += 1 + n_acc
-            drafts, r.drafts, r.qs = r.drafts, [], []
+            if r.step_tree is not None:
+                new, flags, path = verify_tree(r, r.step_tree, head0[j], greedy[j])
+                self.cache.keep_path(j, self.cache.lengths[j], [0] + path)
+                at = path[-1] if path else 0  # the last accepted position: the next drafts' source
+            else:
+                new, flags = verify_row(r, head0[j], greedy[j])
+                at = sum(flags)
+                self.cache.lengths[j] += 1 + at
+            drafts, r.drafts, r.qs, r.step_tree = r.drafts, [], [], None
             if r.eos_id in new:
                 cut = new.index(r.eos_id)
                 r.stats.tokens += cut
@@ -305,19 +325,25 @@ class Engine:
             r.finished = r.produced >= r.limit
             events.append((r, Event(new, flags, drafts, finished=r.finished)))
             if r.drafter is not None:
-                r.drafter.accept(hidden[0][j:j + 1, :1 + n_acc], r.tokens)
+                r.drafter.accept(hidden[0][j:j + 1, :1 + at], r.tokens)
             if r.finished:
                 continue
             if merged and r.drafter is None:
-                self._take_drafts(r, every[j, n_acc, 1:], greedy_every[j][n_acc][1:])
+                self._take_drafts(r, every[j, at, 1:], greedy_every[j][at][1:])
             else:
-                drafting.append((r, [h[j, n_acc] for h in hidden]))
+                drafting.append((r, [h[j, at] for h in hidden]))
         self._draft(drafting)
         return events
 
     @staticmethod
     def _take_drafts(row: Row, logits: torch.Tensor, greedy: list[int]) -> None:
-        """Row's drafts from its heads' logits [m, V] at its last accepted position."""
+        """Row's drafts from its heads' logits [m, V] at its last accepted position: its tree's
+        node tokens (cut to the room left), else a chain drawn head by head."""
+        if row.tree is not None:
+            row.step_tree = row.tree.pruned(row.room())
+            if row.step_tree is not None:
+                row.drafts = row.step_tree.tokens(logits)
+            return
         for k in range(row.room()):
             d, q = row.pick(logits[k], greedy[k])
             row.drafts.append(d)

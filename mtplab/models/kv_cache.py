@@ -63,6 +63,18 @@ class KVCache:
         self.ids[dst, :n] = self.ids[src, :n]
         self.lengths[dst] = n
 
+    def keep_path(self, row: int, start: int, path: list[int]) -> None:
+        """After a tree of drafts at slots start.. of `row`: the new positions `path` (offsets
+        from start, ascending: an accepted branch) move to start, start+1, ...; the rest is
+        dropped (the row's length ends after the path)."""
+        n = len(path)
+        if path != list(range(n)):
+            src = torch.tensor(path, device=self.ids.device) + start
+            self.k[:, row, :, start:start + n] = self.k[:, row, :, src]
+            self.v[:, row, :, start:start + n] = self.v[:, row, :, src]
+            self.ids[row, start:start + n] = self.ids[row, src]
+        self.lengths[row] = start + n
+
     def _slots(self, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Row and slot indices [B, T] of a ragged write of t positions (None: one slice does)."""
         end = max(self.lengths) + t

@@ -88,6 +88,7 @@ class AttentionMask:
     def __init__(self, start: int, length: int, device: torch.device):
         self.start, self.length, self.device = start, length, device
         self.positions = None  # [B, T] when rows differ
+        self.parents = None  # [B, T] a tree's: the new position each one follows (-1: the cache's end)
         self.is_causal = start == 0 and length > 1
         self.mask = None
         if start > 0 and length > 1:
@@ -100,17 +101,24 @@ class AttentionMask:
 
     @classmethod
     def ragged(cls, starts: list[int], length: int, device: torch.device,
-               key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> "AttentionMask":
+               key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+               parents: torch.Tensor | None = None) -> "AttentionMask":
         """Row b's new positions sit at cache slots starts[b]..starts[b]+T-1. key_mask [B, >=S]:
         slots a row may attend to (False: padding). positions [B, T]: position ids, by default
-        the slots minus the padding before them."""
+        the slots minus the padding before them. parents [B, T] (a tree of drafts): new position
+        t follows parents[b, t] (-1: the row's cached end) and sees only its ancestors among the
+        new positions; its position id is the cache's end plus its depth."""
         self = cls.__new__(cls)
         self.start, self.length, self.device, self.is_causal = None, length, device, False
-        self._windowed, self._rotary = {}, (None,)
+        self._windowed, self._rotary, self.parents = {}, (None,), parents
         s = max(starts) + length
         self._slots = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
         keys = torch.arange(s, device=device)
         allowed = keys[None, None, :] <= self._slots[:, :, None]  # [B, T, S] causal per row
+        if parents is not None:
+            within = tree_ancestors(parents)  # [B, T, T]
+            allowed.scatter_(2, self._slots[:, None, :].expand(-1, length, -1), within)
+            positions = self._slots[:, :1] + within.sum(-1) - 1  # the end plus the depth
         if key_mask is not None:
             key_mask = key_mask[:, :s].bool()
             # a padding query still sees itself: a row with no key at all would be NaN, and NaN
@@ -146,7 +154,9 @@ class AttentionMask:
                 return self.mask, False
             if window not in self._windowed:
                 keys = torch.arange(self.mask.size(-1), device=self.device)
-                back = self._slots[:, None, :, None] - keys  # [B, 1, T, S] slots back (= positions)
+                # slots back (= positions back); a tree node's own position is its depth's
+                query = self._slots if self.parents is None else self.positions
+                back = query[:, None, :, None] - keys  # [B, 1, T, S]
                 self._windowed[window] = self.mask & (back < window)
             return self._windowed[window], False
         if not window or self.start + self.length <= window:  # every key is within reach
@@ -157,6 +167,18 @@ class AttentionMask:
             back = queries[:, None] - keys[None, :]  # [T, S] how far back each key lies
             self._windowed[window] = (back >= 0) & (back < window)
         return self._windowed[window], False
+
+
+def tree_ancestors(parents: torch.Tensor) -> torch.Tensor:
+    """parents [B, T] (each position's parent among them, -1 for a root) -> [B, T, T] bool:
+    [b, t, u] when u is t or one of its ancestors."""
+    b, t = parents.shape
+    eye = torch.eye(t, device=parents.device)
+    step = torch.zeros(b, t, t + 1, device=parents.device).scatter_(2, parents[..., None] % (t + 1), 1.0)
+    reach = eye + step[..., :t]  # itself and its parent (a root's -1 lands in the dropped column)
+    for _ in range(max(t - 1, 1).bit_length()):  # doubling: paths of up to 2^i steps
+        reach = (reach @ reach).clamp_max_(1.0)
+    return reach.bool()
 
 
 class Attention(nn.Module):

@@ -112,7 +112,11 @@ class Transformer(nn.Module):
             first = self._token_embedding(cache.previous_ids())  # [B, 1, D]
         else:
             first = torch.zeros_like(x[:, :1])
-        prev = torch.cat([first, x[:, :-1]], dim=1)  # [B, T, D]
+        if mask.parents is None:
+            prev = torch.cat([first, x[:, :-1]], dim=1)  # [B, T, D]
+        else:  # a tree: each position's previous token is its parent's (the cache's end for -1)
+            index = (mask.parents + 1)[..., None].expand(-1, -1, x.size(-1))
+            prev = torch.cat([first, x], dim=1).gather(1, index)
         if mask.positions is not None:  # position 0 of a row (after padding, or a new row) has none
             prev = prev * (mask.positions > 0).unsqueeze(-1).to(prev.dtype)
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :self.config.smear]))  # [B, T, 1]
@@ -212,7 +216,8 @@ class Transformer(nn.Module):
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None, n_heads: int | None = None,
                       key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                      with_trunk: bool = False, outputs_at: torch.Tensor | None = None) -> list[torch.Tensor]:
+                      with_trunk: bool = False, outputs_at: torch.Tensor | None = None,
+                      parents: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Hidden states of the first `n_heads` heads, before the final norm: head k gives
         [B, T_k, D] (T_k = T, or T - k for sequential depths). With a cache, the new positions
         continue each row's cached ones and every row advances by T. `key_mask` [B, S] (False:
@@ -220,10 +225,11 @@ class Transformer(nn.Module):
         positions default to the slots minus the padding before them. `with_trunk`: the trunk's
         output [B, T, D] comes last, after the heads'. `outputs_at` [B] (a prefill that reads one
         position per row): the heads' states only there, [B, 1, D]; their blocks still cache every
-        position, and the trunk's output stays whole."""
+        position, and the trunk's output stays whole. `parents` [B, T]: the new positions are a
+        tree of drafts (see AttentionMask.ragged), each seeing only its ancestors."""
         n_heads = self.n_future if n_heads is None else n_heads
         self.heads.check(n_heads, cache is not None, key_mask is not None or positions is not None)
-        mask = self.attention_mask(ids, cache, key_mask, positions)
+        mask = self.attention_mask(ids, cache, key_mask, positions, parents)
         if cache is not None:
             self.heads.follow_trunk(self.cache_layers(cache.n_loops))
         h = self.trunk(ids, mask, cache)
@@ -244,13 +250,15 @@ class Transformer(nn.Module):
 
     def attention_mask(self, ids: torch.Tensor, cache: KVCache | None = None,
                        key_mask: torch.Tensor | None = None,
-                       positions: torch.Tensor | None = None) -> AttentionMask:
+                       positions: torch.Tensor | None = None,
+                       parents: torch.Tensor | None = None) -> AttentionMask:
         """The mask for new ids [B, T] after what `cache` holds: the plain one when every row
-        starts at the same slot and nothing is padded, else a ragged one."""
+        starts at the same slot and nothing is padded or branches, else a ragged one."""
         starts = cache.lengths if cache is not None else [0] * ids.size(0)
-        if key_mask is None and positions is None and all(n == starts[0] for n in starts):
+        if (key_mask is None and positions is None and parents is None
+                and all(n == starts[0] for n in starts)):
             return AttentionMask(starts[0], ids.size(1), ids.device)
-        return AttentionMask.ragged(starts, ids.size(1), ids.device, key_mask, positions)
+        return AttentionMask.ragged(starts, ids.size(1), ids.device, key_mask, positions, parents)
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, n_heads: int | None = None,
                 last_only: bool = False, key_mask: torch.Tensor | None = None,
