@@ -15,7 +15,7 @@ names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(demo_seeds speculative batched_decode decode_vs_transformers serve_load tests)
 
 header() {
-    echo "# $1 — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), load $(cut -d' ' -f1-3 /proc/loadavg), torch $($PY -c 'import torch; print(torch.__version__)')"
+    echo "# $1 — $(date -u '+%Y-%m-%d %H:%M UTC'), $(getconf _NPROCESSORS_ONLN) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), load $(cut -d' ' -f1-3 /proc/loadavg), torch $($PY -c 'import torch; print(torch.__version__)')"
 }
 
 for name in "${names[@]}"; do
