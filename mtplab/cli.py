@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
                    help="draft with the extra heads, verify with head 0 (default: on with >1 head)")
     p.add_argument("--n-draft", type=int, default=None, help="draft tokens per step (<= heads - 1)")
+    p.add_argument("--tree", default=None, metavar="TREE", help="verify a tree of drafts each step: 'default', 'chain', or rank paths such as "
+                        "'0 1 0.0 0.1' (node r1.r2: head 1's rank-r1 token, then head 2's rank r2)")
     p.add_argument("--show-drafts", action="store_true",
                    help="mark accepted draft tokens and print speculation stats")
     _add_think_loops(p)
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap text-file prompts in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--n-draft", type=int, default=None)
+    p.add_argument("--tree", default="default", metavar="TREE",
+                   help="the tree decoded beside plain and chain ('default', 'chain' or rank paths)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="also decode the prompts N rows at a time, plain and speculative (throughput)")
     p.add_argument("--think-loops", default=None, metavar="N[,N...]",
@@ -279,7 +283,8 @@ def generate_many(args, model, tokenizer, params) -> None:
     t0 = time.perf_counter()
     rows, tokens, decoded, forwards = [], 0, 0, 0
     for c in decode_batch(model, ids, args.max_new_tokens, params, tokenizer.eos_id, args.batch_size,
-                          args.speculative, args.n_draft, tokenizer, progress=True, desc="generating"):
+                          args.speculative, args.n_draft, tokenizer, progress=True, desc="generating",
+                          tree=draft_tree(args.tree, model)):
         line = json.dumps({"prompt": texts[c.index], "text": c.text, "tokens": c.tokens,
                            "tau": round(c.tau, 4)})
         tokens, decoded, forwards = tokens + c.tokens, decoded + c.stats.decoded, forwards + c.stats.forwards
@@ -293,6 +298,21 @@ def generate_many(args, model, tokenizer, params) -> None:
         print(f"wrote {len(rows)} rows to {args.out}: {tokens} tokens in {seconds:.1f} s "
               f"({tokens / max(seconds, 1e-9):.1f} tokens/s, batch {args.batch_size}), "
               f"{decoded / max(forwards, 1):.2f} tokens per decoding forward")
+
+
+def draft_tree(text: str | None, model):
+    """--tree's tree for `model` (None without the flag); one that does not fit is an error."""
+    from .inference.tree import DraftTree
+
+    if text is None:
+        return None
+    if getattr(model, "heads", None) is None or model.n_future < 2:
+        raise MtplabError("--tree needs a model with draft heads")
+    tree = DraftTree.named(text, model.n_future - 1)
+    if tree.depth > model.n_future - 1:
+        raise MtplabError(f"the tree {text!r} is {tree.depth} deep; the model has {model.n_future - 1} "
+                          "draft heads")
+    return tree
 
 
 def cmd_generate(args) -> None:
@@ -314,7 +334,7 @@ def cmd_generate(args) -> None:
     mark = ("\033[32;4m", "\033[0m") if sys.stdout.isatty() else ("[", "]")
     decoder = TextDecoder(tokenizer)
     for event in decode(model, tokenizer.encode(text), args.max_new_tokens, params, tokenizer.eos_id,
-                        args.speculative, args.n_draft, stats):
+                        args.speculative, args.n_draft, stats, draft_tree(args.tree, model)):
         for token, accepted in zip(event.tokens, event.accepted):
             piece = decoder.feed([token])
             sys.stdout.write(f"{mark[0]}{piece}{mark[1]}" if accepted and args.show_drafts and piece
@@ -393,7 +413,7 @@ def cmd_bench(args) -> None:
         raise MtplabError(f"{args.checkpoint} has one head: nothing to draft with")
     prompts = read_prompts(args.prompts, tokenizer, args.chat)
     result = bench_decoding(model, prompts, args.max_new_tokens, tokenizer.eos_id, args.n_draft,
-                            args.batch_size)
+                            args.batch_size, draft_tree(args.tree, model))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
     else:

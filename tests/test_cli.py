@@ -412,3 +412,33 @@ def test_bench_compares_think_loops_side_by_side(capsys, looped_run, tmp_path):
     assert code == 0 and lines[1].split() == ["loops", "FLOPs/token", "tokens", "plain", "tok/s", "spec",
                                               "tok/s", "tau", "same", "loss"]
     assert [l.split()[0] for l in lines[2:]] == ["2", "4"] and lines[2].split()[-1] == "-"  # no --data
+
+
+def test_generate_and_bench_with_a_tree_of_drafts(capsys, tiny_run, tmp_path):
+    import json
+
+    out, _ = tiny_run
+    code, plain, _ = run_cli(capsys, "generate", str(out), "--chat", "--prompt", QUESTION,
+                             "--no-speculative", "--max-new-tokens", "30")
+    for tree in ("default", "chain", "0 1 2 3"):  # the tiny model has one draft head: trees 1 deep
+        code, text, err = run_cli(capsys, "generate", str(out), "--chat", "--prompt", QUESTION,
+                                  "--max-new-tokens", "30", "--tree", tree, "--show-drafts")
+        assert code == 0 and text.replace("[", "").replace("]", "") == plain, tree
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Ava has 3 apples.\nBen has\n")
+    code, rows, _ = run_cli(capsys, "generate", str(out), "--prompts", str(prompts), "--tree", "default",
+                            "--max-new-tokens", "12")
+    code2, chain_rows, _ = run_cli(capsys, "generate", str(out), "--prompts", str(prompts), "--max-new-tokens", "12")
+    texts = [json.loads(line)["text"] for line in rows.splitlines()]
+    assert code == code2 == 0 and texts == [json.loads(line)["text"] for line in chain_rows.splitlines()]
+    code, text, _ = run_cli(capsys, "bench", str(out), "--max-new-tokens", "16", "--json", "--tree", "0 1")
+    result = json.loads(text)
+    assert code == 0 and result["tree"] == "0 1" and result["tree_nodes"] == 2
+    assert result["tree_identical"] and result["tree_tokens_per_forward"] >= 1.0
+    assert result["chain_speedup"] == result["speedup"]
+    code, text, _ = run_cli(capsys, "bench", str(out), "--max-new-tokens", "8")
+    assert code == 0 and "tree of 3 drafts (0 1 2)" in text
+    for bad, message in [("0.1", "no parent"), ("0 0.0", "2 deep; the model has 1 draft heads"),
+                         ("a", "rank paths")]:
+        code, _, err = run_cli(capsys, "generate", str(out), "--prompt", "x", "--tree", bad)
+        assert_one_line_error(code, err, message)

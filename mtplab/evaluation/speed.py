@@ -30,13 +30,17 @@ def bench_batched(model: Transformer, prompts: list[list[int]], max_new_tokens: 
 
 def bench_decoding(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 128,
                    eos_id: int | None = None, n_draft: int | None = None,
-                   batch_size: int | None = None) -> dict:
+                   batch_size: int | None = None, tree=None) -> dict:
     """Greedy plain vs speculative decoding of each prompt, alternating, after one warm-up of each;
     tau (tokens per forward), the speed-up and their ratio (how much of tau becomes speed). With
-    `batch_size`, the prompts are also decoded that many rows at a time, plain and speculative."""
+    `tree` (inference/tree.py), each prompt is also decoded with that tree of drafts (`tree_*`
+    keys; `chain_*` repeat the chain's). With `batch_size`, the prompts are also decoded that many
+    rows at a time, plain and speculative."""
     generate_ids(model, prompts[0], 8, eos_id=eos_id)
     list(generate_speculative(model, prompts[0], 8, eos_id=eos_id, n_draft=n_draft))
-    stats = SpeculativeStats()
+    stats, tree_stats, tree_identical = SpeculativeStats(), SpeculativeStats(), True
+    if tree is not None:
+        list(generate_speculative(model, prompts[0], 8, eos_id=eos_id, n_draft=n_draft, tree=tree))
     rows, plain_s, plain_tokens, identical, plain_ids = [], 0.0, 0, True, []
     for prompt in prompts:
         t0 = time.perf_counter()
@@ -54,6 +58,11 @@ def bench_decoding(model: Transformer, prompts: list[list[int]], max_new_tokens:
                      "speculative_tokens_per_s": len(spec) / max(spec_s, 1e-9),
                      "tokens_per_forward": decoded / max(forwards, 1), "identical": plain == spec})
         plain_ids.append(plain)
+        if tree is not None:
+            tree_spec = [t for e in generate_speculative(model, prompt, max_new_tokens, eos_id=eos_id,
+                                                         n_draft=n_draft, stats=tree_stats, tree=tree)
+                         for t in e.tokens]
+            tree_identical &= tree_spec == plain
     plain_rate = plain_tokens / max(plain_s, 1e-9)
     speedup = stats.tokens_per_second / max(plain_rate, 1e-9)
     result = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "heads": model.n_future,
@@ -62,6 +71,14 @@ def bench_decoding(model: Transformer, prompts: list[list[int]], max_new_tokens:
               "speedup_per_tau": speedup / max(stats.tokens_per_forward, 1e-9),
               "acceptance_by_position": stats.acceptance_by_position,
               "identical": bool(identical), "rows": rows}
+    if tree is not None:
+        result.update({"chain_speedup": speedup, "chain_tokens_per_forward": stats.tokens_per_forward,
+                       "tree": str(tree), "tree_nodes": tree.size,
+                       "tree_tokens_per_s": tree_stats.tokens_per_second,
+                       "tree_speedup": tree_stats.tokens_per_second / max(plain_rate, 1e-9),
+                       "tree_tokens_per_forward": tree_stats.tokens_per_forward,
+                       "tree_acceptance_by_depth": tree_stats.acceptance_by_position,
+                       "tree_identical": bool(tree_identical)})
     if batch_size is not None:
         b = bench_batched(model, prompts, max_new_tokens, eos_id, n_draft, batch_size)
         same = [b.pop("plain_ids"), b.pop("speculative_ids")] == [plain_ids, plain_ids]
@@ -89,6 +106,13 @@ def format_bench(result: dict) -> str:
                  f"{result['speedup']:>7.2f}x {result['tokens_per_forward']:>5.2f} "
                  f"{result['speedup_per_tau']:>6.2f} {str(result['identical']).lower():>5}")
     lines.append(f"acceptance by draft position: {acc}")
+    if "tree" in result:
+        depth = " ".join(f"{a:.2f}" for a in result["tree_acceptance_by_depth"])
+        lines.append(f"tree of {result['tree_nodes']} drafts ({result['tree']}): "
+                     f"{result['tree_tokens_per_s']:.1f} tok/s, {result['tree_speedup']:.2f}x plain "
+                     f"(chain {result['chain_speedup']:.2f}x), tau {result['tree_tokens_per_forward']:.2f} "
+                     f"(chain {result['chain_tokens_per_forward']:.2f}), acceptance by depth {depth}, "
+                     f"same: {str(result['tree_identical']).lower()}")
     b = result.get("batched")
     if b:
         lines.append(f"batch {b['batch_size']}: plain {b['plain_tokens_per_s']:.1f} tok/s "

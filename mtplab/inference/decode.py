@@ -18,12 +18,13 @@ from .engine import Engine, Request, Row
 from .generate import Event, generate_plain, generate_speculative
 from .sampling import SamplingParams
 from .speculative import SpeculativeStats
+from .tree import DraftTree
 
 
 def decode(model: Transformer, prompt: list[int], max_new_tokens: int = 128,
            params: SamplingParams = SamplingParams(), eos_id: int | None = None,
            speculative: bool | None = None, n_draft: int | None = None,
-           stats: SpeculativeStats | None = None) -> Iterator[Event]:
+           stats: SpeculativeStats | None = None, tree: DraftTree | None = None) -> Iterator[Event]:
     if isinstance(model, Monostep):
         if speculative:
             raise MtplabError("a Monostep model decodes in blocks: it has no speculative decoding")
@@ -31,7 +32,8 @@ def decode(model: Transformer, prompt: list[int], max_new_tokens: int = 128,
     if speculative is None:
         speculative = model.n_future > 1
     if speculative:
-        return generate_speculative(model, prompt, max_new_tokens, params, eos_id, n_draft, stats=stats)
+        return generate_speculative(model, prompt, max_new_tokens, params, eos_id, n_draft, stats=stats,
+                                    tree=tree)
     return generate_plain(model, prompt, max_new_tokens, params, eos_id)
 
 
@@ -102,7 +104,8 @@ class Completion:
 def decode_batch(model: Transformer, prompts: Sequence[list[int]], max_new_tokens: int = 128,
                  params: SamplingParams = SamplingParams(), eos_id: int | None = None,
                  batch_size: int = 16, speculative: bool | None = None, n_draft: int | None = None,
-                 tokenizer=None, progress: bool = False, desc: str = "decoding") -> Iterator[Completion]:
+                 tokenizer=None, progress: bool = False, desc: str = "decoding",
+                 tree: DraftTree | None = None) -> Iterator[Completion]:
     """Decode many token-id prompts, up to `batch_size` rows at a time in one engine; yields the
     completions in input order. Each row decodes exactly as it would alone (greedy: the same
     tokens; sampling with a seed: the same draws, every prompt from its own generator seeded the
@@ -133,19 +136,20 @@ def decode_batch(model: Transformer, prompts: Sequence[list[int]], max_new_token
                 yield Completion(i, p, ids, stats, _finish(decoder))
             return
         yield from _engine_batches(model, prompts, max_new_tokens, params, eos_id, batch_size,
-                                   speculative, n_draft, tokenizer, bar)
+                                   speculative, n_draft, tokenizer, bar, tree)
     finally:
         bar.close()
 
 
 def _engine_batches(model, prompts, max_new_tokens, params, eos_id, batch_size, speculative, n_draft,
-                    tokenizer, bar) -> Iterator[Completion]:
+                    tokenizer, bar, tree=None) -> Iterator[Completion]:
     if speculative is None:
         speculative = model.n_future > 1
     most = model.n_future - 1
     n_draft = (most if n_draft is None else n_draft) if speculative else 0
     # the cache is allocated for max_batch rows: no more than there are prompts
-    engine = Engine(model, max_batch=max(1, min(batch_size, len(prompts))), n_draft=n_draft)
+    engine = Engine(model, max_batch=max(1, min(batch_size, len(prompts))), n_draft=n_draft,
+                    tree=tree if n_draft else None)
     rows: dict[int, tuple[int, Row, TextDecoder | None, list[int]]] = {}  # id(row) -> ...
     done: dict[int, Completion] = {}
     submitted = emitted = 0

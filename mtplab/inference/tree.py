@@ -68,6 +68,15 @@ class DraftTree:
         except ValueError:
             raise MtplabError(f"bad draft tree {text!r}: nodes are rank paths like '0 1 0.0 0.1'") from None
 
+    @classmethod
+    def named(cls, text: str, depth: int) -> "DraftTree":
+        """A command line's tree: 'default', 'chain' (both `depth` deep) or rank paths."""
+        if text == "default":
+            return cls.default(depth)
+        if text == "chain":
+            return cls.chain(depth)
+        return cls.parse(text)
+
     def __str__(self) -> str:
         return " ".join(".".join(map(str, p)) for p in self.paths)
 
