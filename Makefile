@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NEWEST := $(VENV)/newest
 
-.PHONY: demo test test-newest install constraints clean figures
+.PHONY: demo test test-newest install constraints clean figures tour
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-newest: $(STAMP)
 # Every figure the README quotes, regenerated (runs/figures/; ~40 min on 2 CPU cores).
 figures: $(STAMP)
 	bash benchmarks/figures.sh
+
+# Every runnable command of the README's tour, in order, in a scratch copy of the repository
+# (after `make demo`; ~25 min on 2 CPU cores): benchmarks/tour.py, not part of `make test`.
+tour: $(STAMP)
+	$(BIN)/python benchmarks/tour.py
 
 # Pin what is installed now (after changing pyproject.toml: pip install -e '.[dev]' first).
 constraints: $(STAMP)
