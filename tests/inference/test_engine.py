@@ -134,7 +134,7 @@ def row_distribution(model, engine_draft, target, other, params, n):
     """Enumerate every path of request `target` while `other` (another length and sampling)
     decodes beside it in the same batch along a fixed path."""
     dist, script = {}, []
-    while True:
+    while script is not None:
         chance = Enumerator(script)
         engine = Engine(model, max_batch=2, n_draft=engine_draft)
         mine = engine.submit(Request(target, n, params, n_draft=engine_draft, chance=chance))
@@ -144,12 +144,8 @@ def row_distribution(model, engine_draft, target, other, params, n):
         while engine.busy:
             out += [t for row, event in engine.step() if row is mine for t in event.tokens]
         dist[tuple(out)] = dist.get(tuple(out), 0.0) + chance.prob
-        path = chance.path
-        while path and path[-1][0] + 1 >= path[-1][1]:
-            path.pop()
-        if not path:
-            return dist
-        script = [p for p, _ in path[:-1]] + [path[-1][0] + 1]
+        script = chance.next_script()
+    return dist
 
 
 @pytest.mark.parametrize("family", ["parallel", "sequential", "medusa", "slots"])

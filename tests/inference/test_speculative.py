@@ -151,20 +151,23 @@ class Enumerator(Randomness):
     def accept(self, probability):
         return self._choose([probability, 1.0 - probability]) == 0
 
+    def next_script(self):
+        """The script of the next unexplored path (an odometer over the choices), None when done."""
+        path = list(self.path)
+        while path and path[-1][0] + 1 >= path[-1][1]:
+            path.pop()
+        return [p for p, _ in path[:-1]] + [path[-1][0] + 1] if path else None
 
-def speculative_distribution(model, prompt, n, params):
+
+def speculative_distribution(model, prompt, n, params, **options):
     """Every path of the decoder, with its probability, summed per output sequence."""
     dist, script = {}, []
-    while True:
+    while script is not None:
         chance = Enumerator(script)
-        out = tuple(spec_ids(model, prompt, n, params, chance=chance))
+        out = tuple(spec_ids(model, prompt, n, params, chance=chance, **options))
         dist[out] = dist.get(out, 0.0) + chance.prob
-        path = chance.path
-        while path and path[-1][0] + 1 >= path[-1][1]:  # odometer: next unexplored branch
-            path.pop()
-        if not path:
-            return dist
-        script = [p for p, _ in path[:-1]] + [path[-1][0] + 1]
+        script = chance.next_script()
+    return dist
 
 
 def plain_distribution(model, prompt, n, params):

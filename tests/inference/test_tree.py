@@ -11,8 +11,8 @@ from mtplab.inference.sampling import SamplingParams
 from mtplab.inference.tree import DraftTree
 from mtplab.models.kv_cache import KVCache
 from mtplab.models.layers import tree_ancestors
-from tests.inference.test_speculative import (Enumerator, max_gap, plain_distribution, random_model,
-                                              spec_ids)
+from tests.inference.test_speculative import (max_gap, plain_distribution, random_model, spec_ids,
+                                              speculative_distribution)
 from tests.models.test_features import FEATURES, build
 
 TREE_FAMILIES = ["parallel", "medusa", "slots"]  # heads that all draft from one position
@@ -142,20 +142,6 @@ def test_trained_heads_accept_deep_branches_and_rows_batch(family):
     assert sum(s.forwards for s in tree) < sum(s.forwards for s in chain)
 
 
-def tree_distribution(model, prompt, n, params, tree):
-    dist, script = {}, []
-    while True:
-        chance = Enumerator(script)
-        out = tuple(spec_ids(model, prompt, n, params, chance=chance, tree=tree))
-        dist[out] = dist.get(out, 0.0) + chance.prob
-        path = chance.path
-        while path and path[-1][0] + 1 >= path[-1][1]:
-            path.pop()
-        if not path:
-            return dist
-        script = [p for p, _ in path[:-1]] + [path[-1][0] + 1]
-
-
 @pytest.mark.parametrize("family", TREE_FAMILIES)
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=2),
                                     SamplingParams(temperature=1.0, top_p=0.8)], ids=["t1", "topk", "topp"])
@@ -166,7 +152,7 @@ def test_tree_sampling_has_exactly_head_0s_distribution(family, params, monkeypa
     model = random_model(family, vocab=3, heads=3, seed=2).double()
     prompt, tree = [0, 2], DraftTree.parse("0 1 2 0.0 0.1 1.0")
     plain = plain_distribution(model, prompt, 3, params)
-    got = tree_distribution(model, prompt, 3, params, tree)
+    got = speculative_distribution(model, prompt, 3, params, tree=tree)
     assert sum(got.values()) == pytest.approx(1.0, abs=1e-9)
     assert max_gap(got, plain) < 1e-6
 
@@ -176,7 +162,7 @@ def test_tree_sampling_has_exactly_head_0s_distribution(family, params, monkeypa
         return _Frozen(real(logits, p))
 
     monkeypatch.setattr(tree_module, "next_token_probs", no_renormalising)
-    assert max_gap(tree_distribution(model, prompt, 3, params, tree), plain) > 1e-3
+    assert max_gap(speculative_distribution(model, prompt, 3, params, tree=tree), plain) > 1e-3
 
 
 class _Frozen:
