@@ -33,9 +33,11 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 VOCAB_MATRICES = ("wte.", "wpe.", "lm_head.", "heads.lm_heads.")
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate polar factor of a 2-D matrix (singular values pushed towards 1)."""
-    a, b, c = NS_COEFFS
+def quintic_iteration(g: torch.Tensor, coeffs: tuple[float, float, float], steps: int,
+                      eps: float = 1e-7) -> torch.Tensor:
+    """x <- a x + (b x x^T + c (x x^T)^2) x, `steps` times, from g normalised: each singular value
+    s follows a s + b s^3 + c s^5 (towards 1 for the polar-factor coefficients below)."""
+    a, b, c = coeffs
     x = g.float() / (g.float().norm() + eps)  # spectral norm <= Frobenius norm <= 1: inside the basin
     tall = x.size(0) > x.size(1)
     if tall:  # iterate on the smaller Gram matrix
@@ -46,6 +48,11 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return x.T if tall else x
 
 
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate polar factor of a 2-D matrix (singular values pushed towards 1)."""
+    return quintic_iteration(g, NS_COEFFS, steps, eps)
+
+
 POLAR_COEFFS = (2.0, -1.5, 0.5)  # p(s) = 2s - 1.5s^3 + 0.5s^5: fixed points 0, 1, sqrt(2)
 POLAR_STEPS = 12
 
@@ -54,15 +61,7 @@ def polar(g: torch.Tensor, steps: int = POLAR_STEPS, eps: float = 1e-7) -> torch
     """Accurate polar factor U V^T of a 2-D matrix, in fp32: Frobenius normalisation puts every
     singular value in (0, 1], then `steps` iterations of the simple quintic drive them to 1 (small
     ones double per step, near 1 the error is cubed)."""
-    a, b, c = POLAR_COEFFS
-    x = g.float() / (g.float().norm() + eps)
-    tall = x.size(0) > x.size(1)
-    if tall:  # iterate on the smaller Gram matrix
-        x = x.T
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
+    return quintic_iteration(g, POLAR_COEFFS, steps, eps)
 
 
 def aurora_polar(g: torch.Tensor, iterations: int = 2, beta: float = 0.5, steps: int = POLAR_STEPS,
