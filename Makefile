@@ -36,7 +36,7 @@ figures: $(STAMP)
 	bash benchmarks/figures.sh
 
 # Every runnable command of the README's tour, in order, in a scratch copy of the repository
-# (after `make demo`; ~25 min on 2 CPU cores): benchmarks/tour.py, not part of `make test`.
+# (after `make demo`; 25-30 min on 2 busy CPU cores): benchmarks/tour.py, not part of `make test`.
 tour: $(STAMP)
 	$(BIN)/python benchmarks/tour.py
 
