@@ -340,7 +340,8 @@ class Engine:
         """Row's drafts from its heads' logits [m, V] at its last accepted position: its tree's
         node tokens (cut to the room left), else a chain drawn head by head."""
         if row.tree is not None:
-            row.step_tree = row.tree.pruned(row.room())
+            room = row.room()  # the whole tree unless the token limit is near
+            row.step_tree = row.tree if room >= row.tree.depth else row.tree.pruned(room)
             if row.step_tree is not None:
                 row.drafts = row.step_tree.tokens(logits)
             return
