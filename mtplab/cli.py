@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
                    help="draft with the extra heads, verify with head 0 (default: on with >1 head)")
     p.add_argument("--n-draft", type=int, default=None, help="draft tokens per step (<= heads - 1)")
-    p.add_argument("--tree", default=None, metavar="TREE", help="verify a tree of drafts each step: 'default', 'chain', or rank paths such as "
-                        "'0 1 0.0 0.1' (node r1.r2: head 1's rank-r1 token, then head 2's rank r2)")
+    p.add_argument("--tree", nargs="?", const="auto", default=None, metavar="TREE",
+                   help="verify a tree of drafts each step: 'auto' (the default with no value: the tree "
+                        "`mtplab calibrate` stored, else 'default'), 'default', 'chain', or rank paths "
+                        "such as '0 1 0.0 0.1' (node r1.r2: head 1's rank-r1 token, then head 2's rank r2)")
     p.add_argument("--show-drafts", action="store_true",
                    help="mark accepted draft tokens and print speculation stats")
     _add_think_loops(p)
@@ -102,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap text-file prompts in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--n-draft", type=int, default=None)
-    p.add_argument("--tree", default="default", metavar="TREE",
-                   help="the tree decoded beside plain and chain ('default', 'chain' or rank paths)")
+    p.add_argument("--tree", default="auto", metavar="TREE",
+                   help="the tree decoded beside plain and chain ('auto': the calibrated one, else "
+                        "'default'; 'chain' or rank paths)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="also decode the prompts N rows at a time, plain and speculative (throughput)")
     p.add_argument("--think-loops", default=None, metavar="N[,N...]",
@@ -113,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "file at each count (as `mtplab eval --task loss`)")
     p.add_argument("--limit", type=int, default=None, help="--data: its first N examples (text: N windows)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("calibrate", help="choose the draft tree that decodes fastest on this machine; "
+                                         "store it with the checkpoint (--tree auto)")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True,
+                   help="held-out prompts: jsonl questions (chat format) or a text file, one per line")
+    p.add_argument("--chat", action="store_true", help="wrap text-file prompts in the chat template")
+    p.add_argument("--limit", type=int, default=256, help="prompts measured (the file's first N)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--nodes", type=int, default=32, help="the largest tree tried")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="rows decoding together when steps are timed (the best tree depends on it)")
+    p.add_argument("--dry-run", action="store_true", help="print the comparison, store nothing")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     p = sub.add_parser("eval", help="score a checkpoint: GSM8K exact match, loss per head, perplexity")
     p.add_argument("checkpoint")
@@ -284,7 +301,7 @@ def generate_many(args, model, tokenizer, params) -> None:
     rows, tokens, decoded, forwards = [], 0, 0, 0
     for c in decode_batch(model, ids, args.max_new_tokens, params, tokenizer.eos_id, args.batch_size,
                           args.speculative, args.n_draft, tokenizer, progress=True, desc="generating",
-                          tree=draft_tree(args.tree, model)):
+                          tree=draft_tree(args.tree, model, args.checkpoint)):
         line = json.dumps({"prompt": texts[c.index], "text": c.text, "tokens": c.tokens,
                            "tau": round(c.tau, 4)})
         tokens, decoded, forwards = tokens + c.tokens, decoded + c.stats.decoded, forwards + c.stats.forwards
@@ -300,15 +317,18 @@ def generate_many(args, model, tokenizer, params) -> None:
               f"{decoded / max(forwards, 1):.2f} tokens per decoding forward")
 
 
-def draft_tree(text: str | None, model):
-    """--tree's tree for `model` (None without the flag); one that does not fit is an error."""
+def draft_tree(text: str | None, model, checkpoint: str):
+    """--tree's tree for `model` (None without the flag; 'auto': the checkpoint's calibrated tree,
+    else the default); one that does not fit is an error."""
+    from .inference.calibrate import calibrated_tree
     from .inference.tree import DraftTree
 
     if text is None:
         return None
     if getattr(model, "heads", None) is None or model.n_future < 2:
         raise MtplabError("--tree needs a model with draft heads")
-    tree = DraftTree.named(text, model.n_future - 1)
+    tree = (calibrated_tree(checkpoint) if text == "auto" else None) or DraftTree.named(
+        "default" if text == "auto" else text, model.n_future - 1)
     if tree.depth > model.n_future - 1:
         raise MtplabError(f"the tree {text!r} is {tree.depth} deep; the model has {model.n_future - 1} "
                           "draft heads")
@@ -334,7 +354,7 @@ def cmd_generate(args) -> None:
     mark = ("\033[32;4m", "\033[0m") if sys.stdout.isatty() else ("[", "]")
     decoder = TextDecoder(tokenizer)
     for event in decode(model, tokenizer.encode(text), args.max_new_tokens, params, tokenizer.eos_id,
-                        args.speculative, args.n_draft, stats, draft_tree(args.tree, model)):
+                        args.speculative, args.n_draft, stats, draft_tree(args.tree, model, args.checkpoint)):
         for token, accepted in zip(event.tokens, event.accepted):
             piece = decoder.feed([token])
             sys.stdout.write(f"{mark[0]}{piece}{mark[1]}" if accepted and args.show_drafts and piece
@@ -394,6 +414,25 @@ def read_prompts(path: str | None, tokenizer, chat: bool) -> list[list[int]]:
     return [tokenizer.encode_chat(l) if chat else tokenizer.encode(l) for l in lines]
 
 
+def cmd_calibrate(args) -> None:
+    import json
+
+    from .inference.calibrate import calibrate, format_report, save_calibration
+    from .interop.checkpoint import load_model
+
+    if args.limit < 1:
+        raise MtplabError(f"--limit must be >= 1, got {args.limit}")
+    model, tokenizer = load_model(args.checkpoint)
+    prompts = read_prompts(args.data, tokenizer, args.chat)[:args.limit]
+    say = (lambda *_: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    report = calibrate(model, prompts, tokenizer.eos_id, args.nodes, args.batch_size, args.max_new_tokens,
+                       progress=say)
+    print(json.dumps(report) if args.json else format_report(report), flush=True)
+    if not args.dry_run:
+        path = save_calibration(args.checkpoint, report)
+        say(f"stored in {path}: generate --tree and bench use it")
+
+
 def cmd_bench(args) -> None:
     import json
 
@@ -413,7 +452,7 @@ def cmd_bench(args) -> None:
         raise MtplabError(f"{args.checkpoint} has one head: nothing to draft with")
     prompts = read_prompts(args.prompts, tokenizer, args.chat)
     result = bench_decoding(model, prompts, args.max_new_tokens, tokenizer.eos_id, args.n_draft,
-                            args.batch_size, draft_tree(args.tree, model))
+                            args.batch_size, draft_tree(args.tree, model, args.checkpoint))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
     else:
@@ -567,7 +606,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
-            "bench": cmd_bench, "eval": cmd_eval, "info": cmd_info, "recipes": cmd_recipes,
+            "bench": cmd_bench, "calibrate": cmd_calibrate, "eval": cmd_eval, "info": cmd_info, "recipes": cmd_recipes,
             "demo": cmd_demo, "ablate": cmd_ablate, "export-hf": cmd_export_hf,
             "export": cmd_export, "convert": cmd_convert}
 
