@@ -119,3 +119,14 @@ def test_cli_calibrate_then_generate_and_bench_use_the_stored_tree(capsys, tiny_
     assert_one_line_error(code, err, "--limit must be >= 1")
     code, _, err = run_cli(capsys, "calibrate", str(out), "--data", str(tmp_path / "missing.txt"))
     assert_one_line_error(code, err, "not found")
+    code, _, err = run_cli(capsys, "calibrate", str(out), "--data", str(prompts), "--nodes", "0")
+    assert_one_line_error(code, err, "--nodes must be >= 1")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    code, _, err = run_cli(capsys, "calibrate", str(out), "--data", str(empty))
+    assert_one_line_error(code, err, "no prompts")
+    code, _, err = run_cli(capsys, "calibrate", str(out), "--data", str(prompts), "--max-new-tokens", "1", "--json")
+    assert_one_line_error(code, err, "too short")
+    (out / cal.TREE_FILE).write_text(json.dumps({"tree": "0 0.0"}))  # the tiny model drafts 1 deep
+    code, _, err = run_cli(capsys, "generate", str(out), "--prompt", "x", "--tree")
+    assert_one_line_error(code, err, "2 deep; the model has 1 draft heads")
