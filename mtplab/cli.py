@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections import Counter
 
 from . import __version__
 from .errors import MtplabError
@@ -353,8 +354,11 @@ def cmd_generate(args) -> None:
     stats = SpeculativeStats()
     mark = ("\033[32;4m", "\033[0m") if sys.stdout.isatty() else ("[", "]")
     decoder = TextDecoder(tokenizer)
+    branches = Counter()  # tree steps: the accepted branch (deepest accepted node) -> steps
     for event in decode(model, tokenizer.encode(text), args.max_new_tokens, params, tokenizer.eos_id,
                         args.speculative, args.n_draft, stats, draft_tree(args.tree, model, args.checkpoint)):
+        if event.branch is not None:
+            branches[".".join(map(str, event.branch)) or "none"] += 1
         for token, accepted in zip(event.tokens, event.accepted):
             piece = decoder.feed([token])
             sys.stdout.write(f"{mark[0]}{piece}{mark[1]}" if accepted and args.show_drafts and piece
@@ -366,6 +370,10 @@ def cmd_generate(args) -> None:
         print(f"{stats.tokens} tokens: the prompt's forward, then {stats.forwards} decoding forwards at "
               f"{stats.tokens_per_forward:.2f} tokens/forward (tau), {stats.tokens_per_second:.1f} tokens/s; "
               f"acceptance by draft position: {acc}", file=sys.stderr)
+        if branches:
+            taken = ", ".join(f"{b} x{n}" for b, n in branches.most_common())
+            print(f"tree branches taken (the deepest accepted node, as ranks; none: no draft): {taken}",
+                  file=sys.stderr)
 
 
 def cmd_chat(args) -> None:

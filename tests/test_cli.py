@@ -424,6 +424,7 @@ def test_generate_and_bench_with_a_tree_of_drafts(capsys, tiny_run, tmp_path):
         code, text, err = run_cli(capsys, "generate", str(out), "--chat", "--prompt", QUESTION,
                                   "--max-new-tokens", "30", "--tree", tree, "--show-drafts")
         assert code == 0 and text.replace("[", "").replace("]", "") == plain, tree
+        assert "tree branches taken (the deepest accepted node, as ranks; none: no draft): " in err
     prompts = tmp_path / "p.txt"
     prompts.write_text("Ava has 3 apples.\nBen has\n")
     code, rows, _ = run_cli(capsys, "generate", str(out), "--prompts", str(prompts), "--tree", "default",

@@ -41,6 +41,7 @@ class Event:
     accepted: list[bool] = field(default_factory=list)  # per token: an accepted draft, else computed
     drafts: list[int] = field(default_factory=list)  # the draft tokens this forward verified
     finished: bool = False  # eos reached (eos itself is not in tokens) or the token limit
+    branch: tuple[int, ...] | None = None  # a tree step's accepted branch: its deepest node's ranks
 
     def __post_init__(self) -> None:
         if not self.accepted:
@@ -303,10 +304,12 @@ class Engine:
         events, drafting = [], []
         for j, r in enumerate(rows):
             r.stats.forwards += 1
+            branch = None
             if r.step_tree is not None:
                 new, flags, path = verify_tree(r, r.step_tree, head0[j], greedy[j])
                 self.cache.keep_path(j, self.cache.lengths[j], [0] + path)
                 at = path[-1] if path else 0  # the last accepted position: the next drafts' source
+                branch = r.step_tree.paths[at - 1] if at else ()
             else:
                 new, flags = verify_row(r, head0[j], greedy[j])
                 at = sum(flags)
@@ -316,14 +319,14 @@ class Engine:
                 cut = new.index(r.eos_id)
                 r.stats.tokens += cut
                 r.finished = True
-                events.append((r, Event(new[:cut], flags[:cut], drafts, finished=True)))
+                events.append((r, Event(new[:cut], flags[:cut], drafts, finished=True, branch=branch)))
                 continue
             new, flags = new[:r.limit - r.produced], flags[:r.limit - r.produced]
             r.produced += len(new)
             r.stats.tokens += len(new)
             r.tokens.extend(new)
             r.finished = r.produced >= r.limit
-            events.append((r, Event(new, flags, drafts, finished=r.finished)))
+            events.append((r, Event(new, flags, drafts, finished=r.finished, branch=branch)))
             if r.drafter is not None:
                 r.drafter.accept(hidden[0][j:j + 1, :1 + at], r.tokens)
             if r.finished:

@@ -23,7 +23,9 @@ def accepted_in_first_step(model, prompt, tree):
     engine = Engine(model, max_batch=1, n_draft=tree.depth, tree=tree)
     row = engine.submit(Request(prompt, tree.depth + 2, n_draft=tree.depth))
     engine.step()  # prefill: emits head 0's token and drafts the tree from the last position
-    engine.step()
+    [(_, event)] = engine.step()
+    assert len(event.branch) == sum(event.accepted) == sum(row.stats.accepted)  # the branch it took
+    assert event.branch == () or event.branch in tree.paths
     return sum(row.stats.accepted)
 
 
