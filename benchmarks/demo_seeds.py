@@ -32,6 +32,8 @@ FIGURES = [  # (label, how to read it from demo.json, format)
     ("3-step problems", lambda s: by_steps(s)["3"], "{:.1%}"),
     ("tokens per decoding forward", lambda s: s["tokens_per_forward"], "{:.2f}"),
     ("speculative / plain tokens/s", lambda s: s["speedup"], "{:.2f}x"),
+    ("tree of 9 drafts: tokens per decoding forward", lambda s: s["tree_tokens_per_forward"], "{:.2f}"),
+    ("tree of 9 drafts / plain tokens/s", lambda s: s["tree_speedup"], "{:.2f}x"),
     ("identical to plain greedy", lambda s: s["identical"], "{}"),
 ]
 

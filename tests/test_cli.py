@@ -89,6 +89,8 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     for name in ["demo.json", "eval.jsonl", "loss.png", "model.safetensors"]:
         assert (tmp_path / "demo" / name).is_file()
     assert any("accuracy" in line for line in lines)
+    assert summary["identical"] and summary["tree_identical"] and summary["tree"] == "0 1 2 0.0 0.1 1.0 0.0.0 0.0.1 0.1.0"
+    assert any(line.startswith("  with a tree of 9 drafts instead of the chain: ") for line in lines)
     assert "on the CPU: 6 steps of" in lines[0] and "auto" not in lines[0]  # the header in plain words
 
 
