@@ -92,9 +92,10 @@ class Row:
         self.finished = self.cancelled = False
         # a family whose drafts cannot come from the batched forward drafts per row
         self.drafter = model.heads.drafter(model, self.n_draft, engine.cache.max_len)
-        # heads that all read one position draft a tree of their top tokens (the engine's tree
-        # cut to this row's drafts); a drafter's depths condition on their drafts: a chain
-        self.tree = engine.tree.pruned(self.n_draft) if engine.tree and self.drafter is None else None
+        # the engine's tree cut to this row's drafts: heads that all read one position draft it
+        # as it is (their top tokens); a drafter, whose depths read the drafts before them, grows a
+        # tree of that size and width each step (SequentialDrafter.draft_tree)
+        self.tree = engine.tree.pruned(self.n_draft) if engine.tree and self.n_draft else None
         self.step_tree: DraftTree | None = None  # the tree that row.drafts holds the tokens of
 
     @property
@@ -129,7 +130,7 @@ class Engine:
         decoding row (a system prompt, the earlier turns of a chat) copies that row's keys and
         values instead of recomputing them (0: never). `tree`: speculating rows verify this tree
         of drafts each step instead of a chain (tree.py; cut to each row's n_draft deep; families
-        with a per-row drafter keep the chain)."""
+        with a per-row drafter grow a tree as large and as wide each step)."""
         if max_batch < 1:
             raise MtplabError(f"max_batch must be >= 1, got {max_batch}")
         most = model.n_future - 1
@@ -328,7 +329,8 @@ class Engine:
             r.finished = r.produced >= r.limit
             events.append((r, Event(new, flags, drafts, finished=r.finished, branch=branch)))
             if r.drafter is not None:
-                r.drafter.accept(hidden[0][j:j + 1, :1 + at], r.tokens)
+                kept = [0] + path if branch is not None else list(range(1 + at))
+                r.drafter.accept(hidden[0][j:j + 1, kept], r.tokens)
             if r.finished:
                 continue
             if merged and r.drafter is None:
@@ -360,6 +362,12 @@ class Engine:
         if not rows:
             return
         for r in (r for r, _ in rows if r.drafter is not None):
+            if r.tree is not None:
+                nodes = r.drafter.draft_tree(min(r.tree.depth, r.room()), max(r.tree.ranks_per_depth()),
+                                             r.tree.size)
+                r.step_tree, tokens = DraftTree(tuple(p for p, _ in nodes)), dict(nodes)
+                r.drafts = [tokens[p] for p in r.step_tree.paths]
+                continue
             for k in range(1, r.room() + 1):
                 d, q = r.pick(r.drafter.draft_logits(k, r.drafts))
                 r.drafts.append(d)

@@ -284,6 +284,57 @@ class SequentialDrafter:
         self.out, self.prev_first = out, first
         return self.model.head_logits(k, out[0, -1])
 
+    def draft_tree(self, depth: int, width: int, budget: int) -> list[tuple[tuple[int, ...], int]]:
+        """A dynamic tree of drafts, EAGLE-2's way: depth after depth the `width` likeliest nodes
+        (by the product of their draft probabilities) are expanded with their `width` likeliest
+        tokens, and of all the nodes the `budget` likeliest are kept. Each node is (its ranks
+        among its parents' candidates, its token); a node's parent is always kept before it.
+
+        Depth k at position t reads token t+k, so its positions up to n-k (n: the pending token's)
+        are the same on every branch and are computed once, into history[k] and its own cache, as
+        the chain does; the last k-1 positions read drafts, so each branch runs them, all branches
+        as one batch over a copy of that cache."""
+        n = self.history[0].size(1)
+        model = self.model
+        nodes: list[tuple[float, tuple[int, ...], list[int]]] = []  # (log-probability, ranks, drafts)
+        frontier = [(0.0, (), [], None)]  # + each branch's depth k-1 states at its last k-2 positions
+        for k in range(1, depth + 1):
+            cache, common = self.caches[k - 1], n - k + 1  # positions [first, common): on every branch
+            first = cache.length
+            if common > first:
+                h_in = self.history[k - 1][:, first:common]
+                embeds = model.embed(torch.tensor([self.tokens[first + k:common + k]], device=model.device))
+                self.history[k] = _append(self.history[k], model.heads.run_module(k, h_in, embeds, model.rotary, cache))
+            if k == 1:
+                states = None
+                logits = model.head_logits(1, self.history[1][:, n - 1])  # [1, V]
+            else:
+                # the branch positions [lo, n): depth k-1 there is the shared state at `common`
+                # (when the context reaches back that far), then the branch's own
+                b, lo = len(frontier), max(0, common)
+                parts = [self.history[k - 1][:, common:common + 1].expand(b, 1, -1)] if common >= 0 else []
+                if k > 2:
+                    parts.append(torch.stack([f[3] for f in frontier]))
+                h_prev = torch.cat(parts, dim=1)  # [B, n - lo, D]
+                embeds = model.embed(torch.tensor([f[2][len(f[2]) - (n - lo):] for f in frontier],
+                                                  device=model.device))
+                branches = KVCache(1, b, cache.k.size(2), n, cache.k.size(-1), model.device, cache.k.dtype)
+                branches.k[:, :, :, :lo] = cache.k[:, :1, :, :lo]
+                branches.v[:, :, :, :lo] = cache.v[:, :1, :, :lo]
+                branches.lengths = [lo] * b
+                states = model.heads.run_module(k, h_prev, embeds, model.rotary, branches)  # [B, n - lo, D]
+                logits = model.head_logits(k, states[:, -1])  # [B, V]
+            top = torch.log_softmax(logits.float(), dim=-1).topk(min(width, logits.size(-1)), dim=-1)
+            children = []
+            for i, (logp, ranks, drafts, _) in enumerate(frontier):
+                for r, (lp, token) in enumerate(zip(top.values[i].tolist(), top.indices[i].tolist())):
+                    children.append((logp + lp, ranks + (r,), drafts + [token],
+                                     states[i] if states is not None else None))
+            nodes += [c[:3] for c in children]
+            frontier = sorted(children, key=lambda c: -c[0])[:width]
+        kept = sorted(nodes, key=lambda c: (-c[0], len(c[1]), c[1]))[:budget]
+        return [(ranks, drafts[-1]) for _, ranks, drafts in kept]
+
 
 class MedusaHeads(Heads):
     def __init__(self, config: ModelConfig, first_layer: int):

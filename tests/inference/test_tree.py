@@ -15,7 +15,7 @@ from tests.inference.test_speculative import (max_gap, plain_distribution, rando
                                               speculative_distribution)
 from tests.models.test_features import FEATURES, build
 
-TREE_FAMILIES = ["parallel", "medusa", "slots"]  # heads that all draft from one position
+TREE_FAMILIES = ["parallel", "medusa", "slots", "sequential"]  # the last grows its trees step by step
 BUSHY = DraftTree.parse("0 1 2 0.0 0.1 1.0 0.0.0 0.1.0")
 
 
@@ -93,7 +93,7 @@ def test_keep_path_moves_the_accepted_branch_into_place():
     assert cache.k[0, 0, 0, :, 0].tolist() == list(range(10))  # other rows untouched
 
 
-@pytest.mark.parametrize("family", TREE_FAMILIES + ["sequential"])
+@pytest.mark.parametrize("family", TREE_FAMILIES)
 def test_greedy_tree_output_equals_plain(family):
     model = random_model(family, vocab=12, heads=4, seed=5)
     g = torch.Generator().manual_seed(0)
@@ -207,3 +207,23 @@ def test_a_tree_deeper_than_the_heads_is_refused():
     model = random_model("parallel", vocab=12, heads=3)
     with pytest.raises(MtplabError, match="3 deep; the model has 2 draft heads"):
         Engine(model, n_draft=2, tree=DraftTree.chain(3))
+
+
+def test_a_grown_tree_one_wide_is_the_chain_and_wider_trees_keep_their_likeliest_nodes():
+    """Sequential depths grow their tree step by step (SequentialDrafter.draft_tree): one wide and
+    as many nodes as depths, it is exactly the greedy chain; wider, it is a tree (every node's
+    parent kept) of `budget` nodes whose best first draft is the chain's."""
+    model = oracle_model("sequential")
+    prompt = [3, 1, 4, 1, 5]
+    drafter = model.heads.drafter(model, 3, 64)
+    trunk = model.hidden_states(torch.tensor([prompt]), n_heads=1)[0]
+    drafter.accept(trunk, prompt + [generate_ids(model, prompt, 1)[0]])
+    chain = []
+    for k in range(1, 4):
+        chain.append(int(drafter.draft_logits(k, chain).argmax()))
+    grown = drafter.draft_tree(3, 1, 3)
+    assert grown == [((0,), chain[0]), ((0, 0), chain[1]), ((0, 0, 0), chain[2])]
+    wide = drafter.draft_tree(3, 3, 7)
+    tree = DraftTree(tuple(p for p, _ in wide))  # refuses a node without its parent
+    assert tree.size == 7 and tree.depth <= 3 and dict(wide)[(0,)] == chain[0]
+    assert drafter.draft_tree(3, 1, 3) == grown  # drafting leaves the drafter's state as it was
