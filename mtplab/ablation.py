@@ -54,6 +54,11 @@ ROWS = [
 ]
 ROW_NAMES = [r.name for r in ROWS]
 
+# TST against the same run without it, and the two seeds of the baseline (run-to-run noise).
+TST_PAIRS = [("tst-0mtp", "base-0mtp"), ("tst-1mtp", "base-1mtp"), ("tst-2mtp", "base-2mtp")]
+NOISE_PAIR = ("base-0mtp", "base-0mtp-seed2")
+GAP_FRACTIONS = (0.4, 2 / 3, 1.0)  # where along training the TST - base gaps are read (600/1000/1500 of 1500)
+
 # Seed 002's comparisons: (a, b) means the seed found a lower loss for a than for b.
 ORDERINGS = [
     ("tst-1mtp", "base-0mtp", "TST + 1 head beats the plain baseline"),
@@ -246,7 +251,9 @@ def _run_rows(recipe, out_dir: Path, base: Config, selected: list[Row], steps: i
     bar.close()
     report = {"recipe": str(recipe), "data": data or base.data.path or base.data.source,
               "steps": results[0]["steps"] if results else steps, "seconds": round(time.perf_counter() - t0, 1),
-              "rows": sorted(results, key=_sort_key), "orderings": check_orderings(results)}
+              "rows": sorted(results, key=_sort_key), "noise": noise(results)}
+    report["orderings"] = check_orderings(results, report["noise"])
+    report["tst_gaps"] = tst_gaps(results)
     atomic_write_text(out_dir / "ablation.json", json.dumps(report, indent=1) + "\n")
     atomic_write_text(out_dir / "ablation.md", format_table(report))
     plot_curves(report, out_dir / "loss_curves.png")
@@ -257,15 +264,39 @@ def _sort_key(r: dict) -> tuple:
     return (r["val_loss"] is None, r["val_loss"] if r["val_loss"] is not None else 0.0)
 
 
-def check_orderings(results: list[dict]) -> list[dict]:
+def noise(results: list[dict]) -> float | None:
+    """How far apart the baseline's two seeds ended: a margin smaller than this says little."""
+    loss = {r["row"]: r["val_loss"] for r in results}
+    a, b = (loss.get(name) for name in NOISE_PAIR)
+    return round(abs(a - b), 4) if a is not None and b is not None else None
+
+
+def check_orderings(results: list[dict], noise_level: float | None = None) -> list[dict]:
     loss = {r["row"]: r["val_loss"] for r in results}
     out = []
     for a, b, claim in ORDERINGS:
         if loss.get(a) is None or loss.get(b) is None:
             continue
-        out.append({"claim": claim, "lower": a, "higher": b, "reproduced": loss[a] < loss[b],
-                    "margin": round(loss[b] - loss[a], 4)})
+        margin = loss[b] - loss[a]
+        out.append({"claim": claim, "lower": a, "higher": b, "reproduced": margin > 0,
+                    "margin": round(margin, 4),
+                    "within_noise": noise_level is not None and abs(margin) <= noise_level})
     return out
+
+
+def tst_gaps(results: list[dict]) -> dict:
+    """TST's held-out CE minus the same run's without TST, at evaluations along training: does
+    the gap close as the recovery phase lengthens?"""
+    curves = {r["row"]: dict(r["curve"]) for r in results}
+    pairs = [(a, b) for a, b in TST_PAIRS if curves.get(a) and curves.get(b)]
+    if not pairs:
+        return {"steps": [], "pairs": []}
+    shared = sorted(set.intersection(*(set(curves[a]) & set(curves[b]) for a, b in pairs)))
+    last = shared[-1] if shared else 0
+    steps = sorted({min(shared, key=lambda s: abs(s - f * last)) for f in GAP_FRACTIONS}) if shared else []
+    return {"steps": steps,
+            "pairs": [{"tst": a, "base": b, "gaps": [round(curves[a][s] - curves[b][s], 4) for s in steps]}
+                      for a, b in pairs]}
 
 
 def format_table(report: dict) -> str:
@@ -283,12 +314,23 @@ def format_table(report: dict) -> str:
         seed = f"{r['seed_002_loss']:.4f}" if r["seed_002_loss"] is not None else "—"
         lines.append(f"| {r['row']} | {r['mtp_depth']} | {tst} | {r['schedule'].upper()} | "
                      f"{'yes' if r['reset'] else ''} | {loss} | {seed} |")
+    if report.get("noise") is not None:
+        lines += ["", f"Run-to-run noise ({' vs '.join(NOISE_PAIR)}, the same setting, two seeds): "
+                      f"{report['noise']:.4f} nats."]
     if report["orderings"]:
         lines += ["", "Seed 002's orderings at this scale:", ""]
         for o in report["orderings"]:
             mark = "reproduced" if o["reproduced"] else "not reproduced"
+            within = " (within the noise)" if o.get("within_noise") else ""
             lines.append(f"- {o['claim']} ({o['lower']} < {o['higher']}): {mark}, "
-                         f"margin {o['margin']:+.4f}")
+                         f"margin {o['margin']:+.4f}{within}")
+    gaps = report.get("tst_gaps") or {}
+    if gaps.get("pairs"):
+        lines += ["", "TST minus the same run without it, held-out CE (nats; negative: TST better) by step:",
+                  "", "| pair | " + " | ".join(f"step {s}" for s in gaps["steps"]) + " |",
+                  "|---|" + "---|" * len(gaps["steps"])]
+        for g in gaps["pairs"]:
+            lines.append(f"| {g['tst']} − {g['base']} | " + " | ".join(f"{x:+.4f}" for x in g["gaps"]) + " |")
     lines += ["", f"Wall time of this invocation: {report['seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 

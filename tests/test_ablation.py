@@ -20,9 +20,20 @@ def test_ablate_writes_the_table_json_and_plot_with_nine_rows(tmp_path, capsys):
     assert all(l is not None and 0 < l < 10 for l in losses) and losses == sorted(losses)
     assert {r["row"]: r["tst_bag"] for r in report["rows"]}["tst-2mtp"] == 6
     table = (out / "ablation.md").read_text()
-    assert table.count("\n| ") == 10 and "2.2047" in table  # header + nine rows; seed numbers beside
+    assert table.count("\n| ") == 10 + 4 and "2.2047" in table  # header + nine rows (seed numbers beside),
+    # then the TST - base gaps: header + three pairs
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "val CE (nats)" in capsys.readouterr().out
+    loss = {r["row"]: r["val_loss"] for r in report["rows"]}
+    assert report["noise"] == round(abs(loss["base-0mtp"] - loss["base-0mtp-seed2"]), 4)
+    for o in report["orderings"]:
+        assert o["within_noise"] == (abs(o["margin"]) <= report["noise"])
+        assert o["reproduced"] == (loss[o["lower"]] < loss[o["higher"]])
+    gaps = report["tst_gaps"]
+    assert gaps["steps"][-1] == 5 and [g["tst"] for g in gaps["pairs"]] == ["tst-0mtp", "tst-1mtp", "tst-2mtp"]
+    curve = {r["row"]: dict(r["curve"]) for r in report["rows"]}
+    assert gaps["pairs"][1]["gaps"][-1] == round(curve["tst-1mtp"][5] - curve["base-1mtp"][5], 4)
+    assert "TST minus the same run without it" in table and "Run-to-run noise" in table
     for name in ROW_NAMES:  # every row is an ordinary run directory
         assert (out / name / "model.safetensors").exists()
 
