@@ -33,7 +33,7 @@ from mtplab.evaluation.block_loss import causal_block_loss, monostep_block_loss 
 from mtplab.evaluation.exact_match import is_correct  # noqa: E402
 from mtplab.inference.decode import decode  # noqa: E402
 from mtplab.inference.speculative import SpeculativeStats  # noqa: E402
-from mtplab.interop.checkpoint import load_model  # noqa: E402
+from mtplab.models.checkpoint import load_model  # noqa: E402
 from mtplab.models.monostep import Monostep  # noqa: E402
 
 SYSTEMS = {  # name: (run directory, recipe, overrides)

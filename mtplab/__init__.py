@@ -6,12 +6,12 @@
     print(mtplab.generate(model, tokenizer, "Ava has 3 apples. ...", chat=True))
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def load(directory, device="cpu"):
     """(model, tokenizer) from a checkpoint directory."""
-    from .interop.checkpoint import load_model
+    from .models.checkpoint import load_model
 
     return load_model(directory, device)
 

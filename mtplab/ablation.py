@@ -18,11 +18,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write, atomic_write_text
 from .config import Config, load_config
 from .errors import MtplabError
 from .evaluation.plots import read_metrics
-from .interop.atomic import atomic_write, atomic_write_text
-from .training.checkpoints import step_dirs
+from .models.checkpoint import step_dirs
 
 
 @dataclass(frozen=True)

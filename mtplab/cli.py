@@ -10,8 +10,8 @@ import signal
 import sys
 from collections import Counter
 
-from . import __version__
 from .errors import MtplabError
+from .version import __version__
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -295,7 +295,7 @@ def generate_many(args, model, tokenizer, params) -> None:
     from pathlib import Path
 
     from .inference.decode import decode_batch
-    from .interop.atomic import atomic_write_text
+    from .atomic import atomic_write_text
 
     texts, ids = load_prompt_file(args.prompts, tokenizer, args.chat)
     t0 = time.perf_counter()
@@ -340,7 +340,7 @@ def cmd_generate(args) -> None:
     from .inference.decode import TextDecoder, decode
     from .inference.sampling import SamplingParams
     from .inference.speculative import SpeculativeStats
-    from .interop.checkpoint import load_model
+    from .models.checkpoint import load_model
 
     check_batch_size(args.batch_size)
     if args.out is not None and args.prompts is None:
@@ -379,7 +379,7 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from .chat import run_chat
     from .inference.sampling import SamplingParams
-    from .interop.checkpoint import load_model
+    from .models.checkpoint import load_model
 
     model, tokenizer = load_model(args.checkpoint, args.device)
     set_think_loops(model, args.think_loops, args.checkpoint)
@@ -426,7 +426,7 @@ def cmd_calibrate(args) -> None:
     import json
 
     from .inference.calibrate import calibrate, format_report, save_calibration
-    from .interop.checkpoint import load_model
+    from .models.checkpoint import load_model
 
     if args.limit < 1:
         raise MtplabError(f"--limit must be >= 1, got {args.limit}")
@@ -445,7 +445,7 @@ def cmd_bench(args) -> None:
     import json
 
     from .evaluation.speed import bench_decoding, format_bench
-    from .interop.checkpoint import load_model
+    from .models.checkpoint import load_model
 
     check_batch_size(args.batch_size)
     model, tokenizer = load_model(args.checkpoint)
@@ -495,7 +495,7 @@ def cmd_eval(args) -> None:
     from pathlib import Path
 
     from .evaluation.tasks import evaluate_task
-    from .interop.checkpoint import load_model
+    from .models.checkpoint import load_model
 
     check_batch_size(args.batch_size)
     model, tokenizer = load_model(args.checkpoint)
@@ -511,7 +511,7 @@ def cmd_info(args) -> None:
     from pathlib import Path
 
     from .config import find_recipe, load_config, model_config_from_dict, parse_override
-    from .interop.checkpoint import read_config
+    from .models.checkpoint import read_config
     from .models.summary import card_parameters, format_summary, summarize
     from .training.trainer import resolve_vocab
 

@@ -11,13 +11,13 @@ import shutil
 import time
 from pathlib import Path
 
+from .atomic import atomic_write_text
 from .config import load_config
 from .errors import MtplabError
 from .evaluation.exact_match import evaluate_answers
 from .evaluation.speed import bench_decoding
 from .inference.decode import generate
 from .inference.tree import DraftTree
-from .interop.atomic import atomic_write_text
 from .training.trainer import pick_device, train
 
 RECIPES = Path(__file__).parent / "recipes"

@@ -9,8 +9,8 @@ from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
+from .atomic import atomic_write
 from .errors import MtplabError
-from .interop.atomic import atomic_write
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from typing import Iterable
 
 import numpy as np
 
+from ..atomic import atomic_write, atomic_write_text
 from ..errors import MtplabError
-from ..interop.atomic import atomic_write, atomic_write_text
 
 
 TEXT_SUFFIXES = (".txt", ".raw", ".text")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..interop.atomic import atomic_write
+from ..atomic import atomic_write
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_text
 from ..data.batches import IGNORE, PackedBatches
 from ..data.blocks import BlockBatches
 from ..data.packed import read_text_files
 from ..data.pipeline import chat_pairs
 from ..data.qa import load_qa_jsonl
 from ..errors import MtplabError
-from ..interop.atomic import atomic_write_text
 from ..models.monostep import Monostep
 from ..models.transformer import Transformer
 from ..training.losses import evaluate_heads

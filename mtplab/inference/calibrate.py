@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write_text
 from ..errors import MtplabError
-from ..interop.atomic import atomic_write_text
 from ..models.transformer import Transformer
 from .decode import decode_batch
 from .engine import Engine, Request

@@ -10,16 +10,12 @@ the `convert` parser in cli.py if it has new ones, and register it below.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 from ..errors import MtplabError
-from .atomic import atomic_write_text, fsync_dir
-from .checkpoint import TRAINER_STATE, save_checkpoint
+from ..models.checkpoint import CHECKPOINTS, TRAINER_STATE, save_checkpoint
 from .gpt2 import convert_gpt2
 from .hf_native import convert_hf
 from .monostep import convert_monostep
@@ -68,7 +64,7 @@ def check_out(out: Path) -> None:
     """Refuse an --out that would mix a conversion into something else before doing any work."""
     if out.exists() and not out.is_dir():
         raise MtplabError(f"--out {out} is a file")
-    if out.is_dir() and ((out / TRAINER_STATE).exists() or (out / "checkpoints").exists()):
+    if out.is_dir() and ((out / TRAINER_STATE).exists() or (out / CHECKPOINTS).exists()):
         raise MtplabError(f"--out {out} holds a training run: choose another directory")
 
 
@@ -86,39 +82,10 @@ def convert(fmt: str, source: str | Path, out: str | Path,
     if not config.vocab_real:  # a source without its own (GPT-2, Llama): the tokenizer's ids are the real ones
         config.vocab_real = converted.tokenizer.vocab_size
     converted.source = {"format": fmt, "path": str(source.resolve()), **converted.source}
-    write_checkpoint(out, converted)
+    # a new --out appears whole or not at all; an existing one has each file replaced atomically
+    save_checkpoint(out, converted.model, converted.tokenizer, {"converted_from": converted.source, **converted.run},
+                    converted.trainer_state, files=converted.files)
     return converted
-
-
-def write_checkpoint(out: Path, converted: Converted) -> None:
-    """A new --out appears whole or not at all (written as a hidden sibling, then renamed); an
-    existing one has each file replaced atomically."""
-    run = {"converted_from": converted.source, **converted.run}
-
-    def write(directory: Path) -> None:
-        save_checkpoint(directory, converted.model, converted.tokenizer, run, converted.trainer_state)
-        for name, text in converted.files.items():
-            atomic_write_text(directory / name, text)
-
-    if out.exists():
-        write(out)
-        return
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    except OSError as exc:
-        raise MtplabError(f"cannot write to {parent}: {exc.strerror}") from None
-    try:
-        write(tmp)
-        os.rename(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise MtplabError(f"cannot write {out}: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(parent)
 
 
 def parse_blocks(text: str) -> list[int]:

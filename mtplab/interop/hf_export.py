@@ -32,20 +32,18 @@ import ast
 import json
 import os
 import re
-import shutil
 import sys
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 from safetensors.torch import save_file
 
-from .. import __version__
+from ..atomic import atomic_dir
 from ..errors import MtplabError
+from ..models.checkpoint import load_model
 from ..tokenizer import CHAT_TEMPLATES, ChatTemplate, Tokenizer
-from .atomic import fsync_dir
-from .checkpoint import load_model
+from ..version import __version__
 from .hf_native import misfit_message, native_files
 from .hf_remote.deepseek_layout import deepseek_name
 
@@ -264,20 +262,15 @@ def write_export(out: Path, files: dict) -> None:
     """Write `files` (name -> text, a dict as JSON, (tensors, metadata) as safetensors, or a
     function of the path) as the directory `out`.
 
-    The files are written into a fresh sibling directory that is renamed into place at the end, so
-    `out` never holds a partial export. (Plain writes with the umask's permissions: the whole
-    directory is what is atomic, and an export is meant to be shared.)"""
-    tmp = _sibling(out, "tmp")
-    try:
-        tmp.mkdir(parents=True)
+    The files are written into a fresh sibling directory that is renamed into place at the end
+    (`atomic_dir`), so `out` never holds a partial export. (Plain writes with the umask's
+    permissions: the whole directory is what is atomic, and an export is meant to be shared.)"""
+
+    def write(directory: Path) -> None:
         for file_name, value in files.items():
-            _write(tmp / file_name, _writer(value))
-        fsync_dir(tmp)
-        _replace_dir(tmp, out)
-    except OSError as exc:
-        raise MtplabError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
+            _write(directory / file_name, _writer(value))
+
+    atomic_dir(out, write)
 
 
 def _writer(value) -> Callable[[Path], None]:
@@ -289,10 +282,6 @@ def _writer(value) -> Callable[[Path], None]:
         return lambda path: path.write_text(json.dumps(value, indent=2) + "\n")
     tensors, metadata = value
     return lambda path: save_file(tensors, str(path), metadata=metadata)
-
-
-def _sibling(path: Path, kind: str) -> Path:
-    return path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.{kind}"
 
 
 def _write(path: Path, write: Callable[[Path], None]) -> None:
@@ -309,20 +298,3 @@ def _check_target(checkpoint: Path, out: Path, force: bool) -> None:
         raise MtplabError(f"{out} holds the checkpoint {checkpoint}: export somewhere else")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise MtplabError(f"{out} exists and is not empty; --force replaces it")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an old `target` is moved aside first and removed after, so the
-    path holds the old export or the new one, never a mix."""
-    old = _sibling(target, "old") if target.exists() else None
-    if old is not None:
-        os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except OSError:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

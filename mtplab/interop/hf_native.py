@@ -44,12 +44,12 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from ..config import ModelConfig, model_config_from_dict
 from ..errors import MtplabError
 from ..models.heads import family
 from ..models.transformer import Transformer
 from ..tokenizer import CHAT_TEMPLATES, Tokenizer
+from ..version import __version__
 from .gpt2 import block_weights, gpt2_shape, gpt2_to_mtplab, split_blocks
 from .sources import (ConvertOptions, Converted, SourceWeights, assemble, config_int, load_tokenizer,
                       read_json, read_safetensors, read_weights)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
 from ..config import ModelConfig
 from ..errors import MtplabError
+from ..models.checkpoint import TRAINER_STATE, load_model, load_state, read_config
 from ..models.monostep import Monostep
 from ..tokenizer import Tokenizer
-from .atomic import atomic_write
-from .checkpoint import TRAINER_STATE, load_model, load_state, read_config
 from .sources import ConvertOptions, Converted, KeyReport, torch_load
 
 # Seed 000 adds these to GPT-2's 50257 tokens in this order: <pad> is 50257, <empty> 50258, ...

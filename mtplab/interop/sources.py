@@ -23,6 +23,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..config import ModelConfig
 from ..errors import MtplabError
+from ..models.checkpoint import load_state
 from ..models.transformer import Transformer
 from ..tokenizer import Tokenizer
 
@@ -192,21 +193,11 @@ class SourceWeights:
 
 def assemble(config: ModelConfig, weights: dict[str, torch.Tensor], where: str | Path) -> Transformer:
     """Build the mtplab model and load `weights` into it, all of them or nothing: a model tensor
-    without a value or with the wrong shape is an error naming it."""
+    without a value, a value the model has no place for (a converter mapping a tensor to a name
+    this model does not have: never dropped) or one with the wrong shape is an error naming it
+    (the checkpoint module's strict `load_state`)."""
     model = Transformer(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise MtplabError(f"{where}: no source weight for {', '.join(missing[:6])}"
-                          f"{' ...' if len(missing) > 6 else ''} (missing: {len(missing)})")
-    extra = sorted(set(weights) - set(expected))
-    if extra:  # a converter mapping a tensor to a name this model does not have: never drop it
-        raise MtplabError(f"{where}: the mtplab model has no place for {', '.join(extra[:6])}")
-    for key, value in weights.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise MtplabError(f"{where}: {key} would get shape {tuple(value.shape)}, "
-                              f"the model needs {tuple(expected[key].shape)}")
-    model.load_state_dict({k: v.contiguous() for k, v in weights.items()}, strict=True)
+    load_state(model, {k: v.contiguous() for k, v in weights.items()}, where)
     return model.eval()
 
 

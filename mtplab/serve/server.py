@@ -43,7 +43,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     import uvicorn
 
     from ..config import check_think_loops
-    from ..interop.checkpoint import load_model
+    from ..models.checkpoint import load_model
     from .app import create_app
     from .limits import uvicorn_config
 

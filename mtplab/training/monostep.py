@@ -16,17 +16,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_text
 from ..config import Config
 from ..data.blocks import BlockBatches
 from ..data.pipeline import build_tokenizer, chat_pairs, load_examples
 from ..errors import MtplabError
 from ..evaluation.block_loss import monostep_block_loss, slot_cross_entropy
 from ..evaluation.plots import plot_epoch_losses
-from ..interop.atomic import atomic_write_text
-from ..interop.checkpoint import load_state, load_tokenizer
 from ..interop.monostep import METRICS_JSON, export_bundle, history_json
+from ..models.checkpoint import load_state, load_tokenizer, save_step, step_dirs
 from ..models.monostep import Monostep
-from .checkpoints import save_step, step_dirs
 from .faults import NonFiniteGuard, StopSignals
 from .schedules import lr_multiplier
 from .trainer import (LOSS_PLOT, TrainResult, autocast_for, pick_device, resolve_vocab, restore_rng, resume_point,

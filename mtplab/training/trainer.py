@@ -20,16 +20,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_text
 from ..config import Config
 from ..data.batches import PackedBatches
 from ..data.pipeline import Dataset, build_dataset
 from ..errors import MtplabError
 from ..evaluation.plots import plot_losses, read_metrics
-from ..interop.atomic import atomic_write_text
-from ..interop.checkpoint import TRAINER_STATE, WEIGHTS, load_base, load_state, load_tokenizer
+from ..models.checkpoint import (TRAINER_STATE, WEIGHTS, load_base, load_latest, load_state, load_tokenizer,
+                                remove_partial_writes, save_step, step_dirs)
 from ..models.transformer import Transformer
 from . import distributed, tst
-from .checkpoints import load_latest, remove_partial_writes, save_step, step_dirs
 from .faults import NonFiniteGuard, StopSignals
 from .losses import backward_all_heads, backward_heads, evaluate_heads, label_counts, mask_pad
 from .optimizers import make_optimizer

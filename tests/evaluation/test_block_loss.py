@@ -11,7 +11,7 @@ from mtplab.config import ModelConfig
 from mtplab.data.blocks import BlockBatches
 from mtplab.evaluation.block_loss import causal_block_loss, monostep_block_loss
 from mtplab.evaluation.tasks import evaluate_task
-from mtplab.interop.checkpoint import save_checkpoint
+from mtplab.models.checkpoint import save_checkpoint
 from mtplab.models.monostep import Monostep
 from mtplab.models.transformer import Transformer
 from mtplab.tokenizer import Tokenizer

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from mtplab.cli import main
 from mtplab.inference.generate import generate_ids
 from mtplab.inference.generate import generate_speculative
-from mtplab.interop.checkpoint import load_model, read_config
+from mtplab.models.checkpoint import load_model, read_config
 from mtplab.tokenizer import Tokenizer
 from tests.conftest import ROOT, shared_path
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.hf
 
 from mtplab.config import ModelConfig  # noqa: E402
 from mtplab.inference.generate import generate_ids  # noqa: E402
-from mtplab.interop.checkpoint import load_model, save_checkpoint  # noqa: E402
+from mtplab.models.checkpoint import load_model, save_checkpoint  # noqa: E402
 from mtplab.interop.hf_export import absolute_imports, export_hf, remote_code  # noqa: E402
 from mtplab.interop.hf_remote.modeling_mtplab import CACHE_FIELD  # noqa: E402
 from mtplab.models.transformer import Transformer  # noqa: E402

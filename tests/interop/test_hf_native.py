@@ -16,7 +16,7 @@ pytestmark = pytest.mark.hf
 
 from mtplab.errors import MtplabError  # noqa: E402
 from mtplab.inference.generate import generate_ids  # noqa: E402
-from mtplab.interop.checkpoint import load_model, read_config  # noqa: E402
+from mtplab.models.checkpoint import load_model, read_config  # noqa: E402
 from mtplab.interop.convert import convert  # noqa: E402
 from mtplab.interop.hf_export import export  # noqa: E402
 from mtplab.interop.hf_native import misfit_message  # noqa: E402

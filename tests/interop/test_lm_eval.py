@@ -34,7 +34,7 @@ pytestmark = pytest.mark.hf
 import mtplab  # noqa: E402
 from mtplab.evaluation.exact_match import is_correct  # noqa: E402
 from mtplab.inference.decode import generate  # noqa: E402
-from mtplab.interop.checkpoint import load_model  # noqa: E402
+from mtplab.models.checkpoint import load_model  # noqa: E402
 from mtplab.interop.hf_export import export_hf  # noqa: E402
 from tests.test_cli import run_cli  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 
 from mtplab.errors import MtplabError
 from mtplab.inference.decode import generate
-from mtplab.interop.checkpoint import load_model
+from mtplab.models.checkpoint import load_model
 from mtplab.interop.convert import ConvertOptions, convert
 from mtplab.interop.monostep import export_bundle, read_bundle
 from mtplab.models.monostep import Monostep

@@ -21,7 +21,7 @@ from mtplab.inference.blocks import generate_blocks
 from mtplab.inference.decode import decode_batch
 from mtplab.inference.generate import generate_ids, generate_speculative
 from mtplab.inference.sampling import SamplingParams, next_token_probs, sample
-from mtplab.interop.checkpoint import load_model, save_checkpoint
+from mtplab.models.checkpoint import load_model, save_checkpoint
 from mtplab.models.monostep import Monostep
 from mtplab.models.transformer import Transformer
 from mtplab.tokenizer import Tokenizer

@@ -7,9 +7,8 @@ import torch
 
 from mtplab.config import load_config
 from mtplab.errors import MtplabError
-from mtplab.interop.checkpoint import load_model
+from mtplab.models.checkpoint import load_latest, load_model, step_dirs
 from mtplab.training import trainer
-from mtplab.training.checkpoints import load_latest, step_dirs
 from tests.conftest import TINY
 
 SMALL = ["train.steps=20", "train.eval_every=10", "train.log_every=1", "data.n_train=400",

@@ -9,7 +9,7 @@ import torch
 import mtplab
 from mtplab.config import load_config
 from mtplab.errors import MtplabError
-from mtplab.interop.checkpoint import load_model, load_weights
+from mtplab.models.checkpoint import load_model, load_weights
 from mtplab.interop.monostep import read_bundle
 from mtplab.models.monostep import Monostep
 from tests import seed000

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 import mtplab
 from mtplab.config import load_config
 from mtplab.errors import MtplabError
+from mtplab.models.checkpoint import load_latest, step_dirs
 from mtplab.models.transformer import Transformer
 from mtplab.training import tst
-from mtplab.training.checkpoints import load_latest, step_dirs
 
 TINY_AOMTS = "recipes/aomts-100m-tiny.toml"
 

@@ -14,9 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from mtplab.config import load_config
-from mtplab.interop.checkpoint import load_model
+from mtplab.models.checkpoint import load_model, step_dirs
 from mtplab.training import trainer
-from mtplab.training.checkpoints import step_dirs
 from tests.conftest import ROOT, TINY
 
 RUN = ["train", "--recipe", str(TINY), "--quiet", "--set", "train.steps=30", "--set", "train.eval_every=4",
@@ -27,7 +26,7 @@ RUN = ["train", "--recipe", str(TINY), "--quiet", "--set", "train.steps=30", "--
 # renamed into place, or with the top-level weights published but not their config.
 DRIVER = """
 import os, signal, sys
-import mtplab.interop.checkpoint as files, mtplab.training.checkpoints as steps
+import mtplab.models.checkpoint as checkpoint
 point, nth = sys.argv[1], int(sys.argv[2])
 calls = []
 def die():
@@ -36,28 +35,28 @@ def due():
     calls.append(1)
     return len(calls) == nth
 if point == "weights":
-    real_save = files.save_file
+    real_save = checkpoint.save_file
     def save_file(state, path, metadata=None):
         real_save(state, path, metadata=metadata)
         if due():
             with open(path, "r+b") as handle:
                 handle.truncate(os.path.getsize(path) // 2)
             die()
-    files.save_file = save_file
+    checkpoint.save_file = save_file
 elif point == "rename":
-    real_checkpoint = steps.save_checkpoint
+    real_checkpoint = checkpoint.save_checkpoint
     def save_checkpoint(*args):
         real_checkpoint(*args)
         if due():
             die()
-    steps.save_checkpoint = save_checkpoint
+    checkpoint.save_checkpoint = save_checkpoint
 elif point == "publish":
-    real_publish = steps.publish
+    real_publish = checkpoint.publish
     def publish(source, target):
         real_publish(source, target)
         if target.name == "tokenizer.json" and due():
             die()
-    steps.publish = publish
+    checkpoint.publish = publish
 from mtplab.cli import main
 sys.exit(main(sys.argv[3:]))
 """
