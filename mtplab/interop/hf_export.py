@@ -3,7 +3,8 @@
 `--format native` writes a trunk that is exactly GPT-2 or Llama as that architecture's own
 directory (hf_native.py: no remote code, the heads beside it); `--format remote` writes any trunk
 with mtplab's code; `auto` (the CLI's default) is native when the trunk fits, else remote. Both
-share the tokenizer files, the generation config and the atomic directory write below.
+share the tokenizer files, the generation config and the directory write below (`write_export`, atomic
+through mtplab/atomic.py).
 
     AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)   # no mtplab needed
     AutoTokenizer.from_pretrained(out, trust_remote_code=True)         # a PreTrainedTokenizerFast

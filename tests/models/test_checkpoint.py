@@ -1,6 +1,9 @@
-"""Checkpoints survive any kill: SIGKILL at random moments and inside each stage of a checkpoint
-write, then `--resume`, ends bit-identical to a run that was never interrupted."""
+"""mtplab/models/checkpoint.py. Checkpoints survive any kill: SIGKILL at random moments and inside
+each stage of a checkpoint write, then `--resume`, ends bit-identical to a run that was never
+interrupted. Below, the module on its own: what it writes it reads, a bad state dict is refused in
+one line, steps rotate and the newest is published, resume skips a step that does not read back."""
 
+import errno
 import json
 import os
 import random
@@ -13,8 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import mtplab
+from mtplab.atomic import is_partial
 from mtplab.config import load_config
-from mtplab.models.checkpoint import load_model, step_dirs
+from mtplab.errors import MtplabError
+from mtplab.models.checkpoint import (CHECKPOINTS, CONFIG, TOKENIZER, TRAINER_STATE, WEIGHTS, load_latest, load_model,
+                                      load_state, load_weights, read_config, remove_partial_writes, save_checkpoint,
+                                      save_step, step_dirs)
+from mtplab.models.transformer import Transformer
+from mtplab.tokenizer import Tokenizer
 from mtplab.training import trainer
 from tests.conftest import ROOT, TINY
 
@@ -149,3 +159,102 @@ def test_a_run_with_no_readable_checkpoint_is_not_resumed(tmp_path, broken):
     state.write_bytes(state.read_bytes()[:100] if broken == "truncated" else b"not a pickle")
     with pytest.raises(Exception, match="no checkpoint .* reads back"):
         trainer.train(load_config(TINY, ["train.steps=8", "data.n_train=400"]), out, resume=True, progress=False)
+
+
+# -- the module itself, without a training run ------------------------------------------------------
+@pytest.fixture(scope="module")
+def small():
+    """A tiny untrained model and a tokenizer that fits it."""
+    tokenizer = Tokenizer.train([f"Ava has {n} apples." for n in range(40)], 300)
+    model = Transformer(load_config(TINY, [f"model.vocab_size={tokenizer.vocab_size}"]).model)
+    return model.eval(), tokenizer
+
+
+def test_what_save_checkpoint_writes_load_model_reads(tmp_path, small):
+    model, tokenizer = small
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer, {"note": "x"}, {"step": 7}, step=7, files={"extra.txt": "hi"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary beside it
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(
+        [CONFIG, WEIGHTS, TOKENIZER, TRAINER_STATE, "extra.txt"])
+    config = read_config(tmp_path / "ckpt")
+    assert config["step"] == 7 and config["run"] == {"note": "x"} and config["mtplab_version"] == mtplab.__version__
+    assert load_weights(tmp_path / "ckpt")[1] == 7
+    loaded, loaded_tokenizer = load_model(tmp_path / "ckpt")
+    assert loaded_tokenizer.vocab_size == tokenizer.vocab_size
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_a_new_checkpoint_directory_appears_whole_or_not_at_all(tmp_path, small, monkeypatch):
+    model, tokenizer = small
+
+    def disk_full(directory):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tokenizer, "save", disk_full)
+    with pytest.raises(MtplabError, match="cannot write .*ckpt: No space left on device"):
+        save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("norm_f.weight"), "missing norm_f.weight"),
+    (lambda s: s.update({"lm_head.extra": torch.zeros(1)}), "unexpected lm_head.extra"),
+    (lambda s: s.update({"norm_f.weight": torch.zeros(3)}), "shape mismatch norm_f.weight (3,) vs (64,)"),
+])
+def test_a_bad_state_dict_is_refused_in_one_line_naming_the_key(small, edit, message):
+    model, _ = small
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    edit(state)
+    with pytest.raises(MtplabError) as info:
+        load_state(model, state, "w.safetensors")
+    assert str(info.value) == f"w.safetensors does not fit the model: {message}"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded
+
+
+def test_steps_rotate_and_the_newest_is_published(tmp_path, small):
+    model, tokenizer = small
+    out = tmp_path / "run"
+    for step in (1, 2, 3):
+        save_step(out, step, model, tokenizer, {}, {"step": step}, keep=2)
+    assert [s for s, _ in step_dirs(out)] == [2, 3]
+    newest = out / CHECKPOINTS / "step-000003"
+    for name in (CONFIG, WEIGHTS, TOKENIZER):  # hard links to the newest step's files
+        assert os.path.samefile(out / name, newest / name)
+    assert read_config(out)["step"] == 3 and not (out / TRAINER_STATE).exists()
+    save_step(out, 3, model, tokenizer, {}, {"step": 3, "again": True}, keep=0)  # the same step again
+    save_step(out, 4, model, tokenizer, {}, {"step": 4}, keep=0)
+    assert [s for s, _ in step_dirs(out)] == [2, 3, 4]
+    assert torch.load(newest / TRAINER_STATE, weights_only=True)["again"]
+    assert not [p for p in out.rglob("*") if is_partial(p.name)]
+
+
+def test_resume_takes_the_newest_step_that_reads_back(tmp_path, small):
+    model, tokenizer = small
+    out = tmp_path / "run"
+    assert load_latest(out) is None
+    for step in (1, 2):
+        save_step(out, step, model, tokenizer, {}, {"step": step}, keep=0)
+    torch.save({"step": 1}, out / CHECKPOINTS / "step-000002" / TRAINER_STATE)  # not the weights' step
+    warnings = []
+    step, weights, state, directory = load_latest(out, warn=warnings.append)
+    assert (step, state, directory.name) == (1, {"step": 1}, "step-000001")
+    assert weights.keys() == model.state_dict().keys()
+    assert warnings == [f"mtplab: skipping {out / CHECKPOINTS / 'step-000002'}: weights are from step 2 but "
+                        "the trainer state from step 1"]
+
+
+def test_partial_writes_are_removed_and_nothing_else(tmp_path, small):
+    model, tokenizer = small
+    out = tmp_path / "run"
+    save_step(out, 1, model, tokenizer, {}, {"step": 1})
+    leftovers = [out / ".model.safetensors.link.tmp", out / CHECKPOINTS / ".step-000002.1a2b3c4d.tmp",
+                 out / CHECKPOINTS / ".step-000001.1a2b3c4d.old.tmp"]
+    leftovers[0].write_text("")
+    for directory in leftovers[1:]:
+        directory.mkdir()
+        (directory / WEIGHTS).write_text("")
+    (out / "notes.tmp").write_text("mine")
+    remove_partial_writes(out)
+    assert not any(p.exists() for p in leftovers) and (out / "notes.tmp").exists()
+    assert [s for s, _ in step_dirs(out)] == [1]
