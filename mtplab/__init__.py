@@ -8,6 +8,9 @@
 
 from .version import __version__
 
+# The architectures mtplab ships besides its causal decoder register themselves (architectures.py).
+from . import monostep  # noqa: E402,F401
+
 
 def load(directory, device="cpu"):
     """(model, tokenizer) from a checkpoint directory."""

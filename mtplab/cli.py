@@ -10,6 +10,7 @@ import signal
 import sys
 from collections import Counter
 
+from .architectures import architecture_of, registered
 from .errors import MtplabError
 from .version import __version__
 
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="nanochat: model_<step>.pt (default: highest)")
 
     p = sub.add_parser("export", help="write a checkpoint in a seed's own format (monostep: seed 000's bundle)")
-    p.add_argument("format", choices=["monostep"])
+    p.add_argument("format", choices=[a.name for a in registered() if a.export])
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="the file to write, e.g. monostep_bundle.pt")
 
@@ -453,8 +454,9 @@ def cmd_bench(args) -> None:
         return bench_think_loops(args, model, tokenizer)
     if args.data is not None or args.limit is not None:
         raise MtplabError("--data and --limit go with --think-loops (the loss at each count)")
-    if model.config.arch == "monostep":
-        raise MtplabError(f"{args.checkpoint} is a Monostep model: it decodes in blocks, with nothing "
+    other = architecture_of(model)
+    if other is not None:
+        raise MtplabError(f"{args.checkpoint} is a {other.label} model: it {other.decoding}, with nothing "
                           "to compare speculation against")
     if model.n_future < 2:
         raise MtplabError(f"{args.checkpoint} has one head: nothing to draft with")
@@ -601,10 +603,11 @@ def cmd_convert(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .interop.monostep import export_bundle
+    from .architectures import named
 
-    out = export_bundle(args.checkpoint, args.out)
-    print(f"wrote seed 000's bundle {out}")
+    export = named(args.format)
+    out = export.export(args.checkpoint, args.out)
+    print(f"wrote {export.exported} {out}")
 
 
 def cmd_demo(args) -> None:

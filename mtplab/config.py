@@ -9,7 +9,7 @@ from __future__ import annotations
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 # A try block, not a version test: `mtplab export-hf` copies this file into HF remote code, and
 # transformers' import check skips try blocks but would demand tomli even on Python 3.11+.
@@ -18,14 +18,16 @@ try:
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from .architectures import CAUSAL, names, named
 from .errors import MtplabError
 
 
 @dataclass
 class ModelConfig:
-    # causal: mtplab's decoder (every flag below); monostep: seed 000's pooled encoder + slot heads
-    # (reads vocab_size, d_model, n_layers, n_heads, max_seq_len, n_future = slots, dropout only)
-    arch: str = "causal"
+    # model.arch: mtplab's causal decoder (every field below); another architecture has its own
+    # subclass of this config (see architectures.py), written and read under the same keys
+    arch: ClassVar[str] = CAUSAL
+    vocab_multiple: ClassVar[int] = 64  # vocab_size = 0 is sized to the tokenizer, rounded up to this
     vocab_size: int = 0  # 0: take the tokenizer's size, rounded up to a multiple of 64
     # ids the tokenizer has; the rows from here to vocab_size are padding, whose logits are -inf
     # (never emitted, never scored). 0: all vocab_size rows (set from the tokenizer when trained)
@@ -46,7 +48,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     # Multi-token prediction: head k predicts token t+1+k from position t; head 0 is next-token.
-    # parallel (Gloeckle et al.) | sequential (DeepSeek-V3) | medusa | slots (seed 000's chained
+    # parallel (Gloeckle et al.) | sequential (DeepSeek-V3) | medusa | slots (Monostep's chained
     # slot MLPs, reading the causal trunk's state at each position instead of a pooled summary)
     mtp: str = "parallel"
     n_future: int = 1  # number of heads, next-token head included
@@ -71,10 +73,9 @@ class ModelConfig:
     loop_layers: int = 0
     n_think_loops: int = 1
     low_rank: int = 0  # >0: every attention/MLP projection is factored as (out x r)(r x in)
-    empty_token: int = -1  # monostep: id of <empty>, the slot-padding label (never scored or emitted)
 
     def __post_init__(self) -> None:
-        choices = {"arch": ("causal", "monostep"), "pos": ("rope", "learned"), "norm": ("rmsnorm", "layernorm"),
+        choices = {"pos": ("rope", "learned"), "norm": ("rmsnorm", "layernorm"),
                    "mlp": ("gelu", "swiglu", "relu2"),
                    "mtp": ("parallel", "sequential", "medusa", "slots")}
         for name, allowed in choices.items():
@@ -205,7 +206,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    epochs: int = 0  # monostep: passes over the (prefix, next block) samples (steps is then unused)
+    # passes over the training samples, for an architecture that trains by epochs (Monostep: its
+    # (prefix, next block) samples, train.steps unused); the causal loop counts train.steps
+    epochs: int = 0
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3
@@ -272,7 +275,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["model"] = model_config_to_dict(self.model)
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> "Config":
@@ -280,7 +285,9 @@ class Config:
         sections = {}
         for f in fields(cls):
             section_type = typing.get_type_hints(cls)[f.name]
-            sections[f.name] = _build(section_type, raw.get(f.name, {}), f"{where}: [{f.name}]")
+            part, place = raw.get(f.name, {}), f"{where}: [{f.name}]"
+            sections[f.name] = (model_config_from_dict(part, place) if section_type is ModelConfig
+                                else _build(section_type, part, place))
         return cls(**sections)
 
 
@@ -395,8 +402,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
         (section, key), value = parse_override(text)
         # an unknown name is the --set argument's fault, not the recipe's
         _reject_unknown({section: None}, [f.name for f in fields(Config)], f"--set {text}: section")
-        _reject_unknown({key: None}, [f.name for f in fields(typing.get_type_hints(Config)[section])],
-                        f"--set {text}: [{section}]")
+        _reject_unknown({key: None}, _section_keys(section), f"--set {text}: [{section}]")
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise MtplabError(f"--set {text}: {section} is not a section")
@@ -404,10 +410,42 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
     return Config.from_dict(raw, where)
 
 
+def _section_keys(section: str) -> list[str]:
+    """The keys a recipe's [section] may hold; [model]: arch, and every architecture's fields."""
+    section_type = typing.get_type_hints(Config)[section]
+    keys = [f.name for f in fields(section_type)]
+    if section_type is ModelConfig:
+        keys = ["arch", *keys]
+        for name in names()[1:]:
+            keys += [f.name for f in fields(named(name).config) if f.name not in keys]
+    return keys
+
+
+def model_config_class(arch: str) -> type[ModelConfig]:
+    """The config class of model.arch = `arch`: ModelConfig, or a registered architecture's."""
+    if arch not in names():
+        raise MtplabError(f"model.arch must be one of {', '.join(names())}, got {arch!r}")
+    other = named(arch)
+    return ModelConfig if other is None else other.config
+
+
 def model_config_from_dict(raw: dict[str, Any], where: str = "config.json") -> ModelConfig:
-    return _build(ModelConfig, raw, where)
+    """A [model] table or config.json's model section; its `arch` (default causal) picks the class."""
+    if not isinstance(raw, dict):
+        raise MtplabError(f"{where} must be a table of settings")
+    raw = dict(raw)
+    cls = model_config_class(_coerce(raw.pop("arch", CAUSAL), str, f"{where} arch"))
+    if cls is ModelConfig:  # mtplab 0.1.0 wrote Monostep's empty_token (-1) into every model's config
+        raw.pop("empty_token", None)
+    return _build(cls, raw, where)
+
+
+def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
+    """What config.json holds: the architecture's name, then every field."""
+    return {"arch": config.arch, **asdict(config)}
 
 
 __all__ = ["Config", "ModelConfig", "TokenizerConfig", "DataConfig", "TrainConfig",
-           "load_config", "parse_override", "model_config_from_dict", "packaged_recipes", "find_recipe",
+           "load_config", "parse_override", "model_config_from_dict", "model_config_to_dict",
+           "model_config_class", "packaged_recipes", "find_recipe",
            "recipe_summary", "check_think_loops"]

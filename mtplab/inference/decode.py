@@ -1,8 +1,8 @@
 """Text in, text out: picks plain or speculative decoding and detokenizes the event stream.
 
 Speculation is on by default when the model has heads beyond the next-token head; it never changes
-the output (see speculative.py), only how many tokens each forward pass yields. A Monostep model
-(seed 000) always decodes in blocks (see blocks.py).
+the output (see speculative.py), only how many tokens each forward pass yields. Another
+architecture (architectures.py, e.g. Monostep's blocks) decodes with its own decoder, unspeculated.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from ..architectures import architecture_of
 from ..errors import MtplabError
-from ..models.monostep import Monostep
 from ..models.transformer import Transformer
-from .blocks import generate_blocks
 from .engine import Engine, Request, Row
 from .generate import Event, generate_plain, generate_speculative
 from .sampling import SamplingParams
@@ -25,10 +24,11 @@ def decode(model: Transformer, prompt: list[int], max_new_tokens: int = 128,
            params: SamplingParams = SamplingParams(), eos_id: int | None = None,
            speculative: bool | None = None, n_draft: int | None = None,
            stats: SpeculativeStats | None = None, tree: DraftTree | None = None) -> Iterator[Event]:
-    if isinstance(model, Monostep):
+    other = architecture_of(model)
+    if other is not None:
         if speculative:
-            raise MtplabError("a Monostep model decodes in blocks: it has no speculative decoding")
-        return generate_blocks(model, prompt, max_new_tokens, params, eos_id)
+            raise MtplabError(f"a {other.label} model {other.decoding}: it has no speculative decoding")
+        return other.decode(model, prompt, max_new_tokens, params, eos_id)
     if speculative is None:
         speculative = model.n_future > 1
     if speculative:
@@ -109,7 +109,8 @@ def decode_batch(model: Transformer, prompts: Sequence[list[int]], max_new_token
     """Decode many token-id prompts, up to `batch_size` rows at a time in one engine; yields the
     completions in input order. Each row decodes exactly as it would alone (greedy: the same
     tokens; sampling with a seed: the same draws, every prompt from its own generator seeded the
-    same way). A Monostep model decodes its prompts one after another (its block decoder is batch 1)."""
+    same way). Another architecture (architectures.py) decodes its prompts one after another, with
+    its own decoder (Monostep's blocks are batch 1)."""
     if batch_size < 1:
         raise MtplabError(f"batch size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
@@ -122,11 +123,11 @@ def decode_batch(model: Transformer, prompts: Sequence[list[int]], max_new_token
 
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
     try:
-        if isinstance(model, Monostep):
+        if architecture_of(model) is not None:
             for i, p in enumerate(prompts):
                 stats, decoder, ids = SpeculativeStats(), TextDecoder(tokenizer) if tokenizer else None, []
                 for event in decode(model, p, max_new_tokens, params, eos_id, speculative, n_draft):
-                    stats.forwards += 1  # a block: every forward reads the whole context
+                    stats.forwards += 1  # one event per forward (a Monostep block reads the whole context)
                     stats.tokens += len(event.tokens)
                     stats.decoded += len(event.tokens)
                     ids += event.tokens

@@ -5,7 +5,8 @@ takes (source path, ConvertOptions) and returns a `Converted` (model, tokenizer,
 this module checks the options, runs it and writes the checkpoint. To add a format: write
 `convert_<name>(source, options) -> Converted` in its own module (sources.py has the shared pieces:
 file reading, `SourceWeights`, `assemble`, `load_tokenizer`), add its options to ConvertOptions and
-the `convert` parser in cli.py if it has new ones, and register it below.
+the `convert` parser in cli.py if it has new ones, and register it below. A registered
+architecture (architectures.py) brings its own format under its name (e.g. monostep's bundle).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
+from ..architectures import registered
 from ..errors import MtplabError
 from ..models.checkpoint import CHECKPOINTS, TRAINER_STATE, save_checkpoint
 from .gpt2 import convert_gpt2
 from .hf_native import convert_hf
-from .monostep import convert_monostep
 from .nanochat import convert_gelu_d12, convert_nanochat
 from .sources import ConvertOptions, Converted
 
@@ -37,8 +38,6 @@ FORMATS: dict[str, Format] = {
                        "GELU_GPT (seed 004) .pt or HF directory -> nanochat-feature trunk"),
     "nanochat": Format(convert_nanochat, frozenset({"tokenizer", "eos", "rope_base", "step"}),
                        "nanochat model_<step>.pt + meta_<step>.json -> nanochat-feature trunk"),
-    "monostep": Format(convert_monostep, frozenset({"tokenizer", "trust_pickle"}),
-                       "seed 000's monostep_bundle.pt (+ GPT-2 tokenizer files) -> Monostep"),
     "hf": Format(convert_hf, frozenset({"tokenizer", "eos"}),
                  "HF GPT-2 / Llama directory (with a native export's mtp_heads: every head) -> mtplab"),
 }
@@ -48,10 +47,19 @@ def option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def formats() -> dict[str, Format]:
+    """Every format: mtplab's own and the registered architectures', before hf (the generic one)."""
+    own = dict(FORMATS)
+    hf = own.pop("hf")
+    brought = {a.name: Format(a.convert, a.convert_options, a.convert_what) for a in registered() if a.convert}
+    return {**own, **brought, "hf": hf}
+
+
 def check_options(fmt: str, options: ConvertOptions) -> Format:
-    if fmt not in FORMATS:
-        raise MtplabError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    spec = FORMATS[fmt]
+    known = formats()
+    if fmt not in known:
+        raise MtplabError(f"unknown format {fmt!r}; known: {', '.join(known)}")
+    spec = known[fmt]
     given = [f.name for f in fields(options) if getattr(options, f.name) is not None]
     wrong = [name for name in given if name not in spec.options]
     if wrong:
@@ -96,4 +104,4 @@ def parse_blocks(text: str) -> list[int]:
         raise MtplabError(f"--head-blocks expects comma-separated block numbers, got {text!r}") from None
 
 
-__all__ = ["FORMATS", "Format", "ConvertOptions", "Converted", "convert", "parse_blocks"]
+__all__ = ["FORMATS", "formats", "Format", "ConvertOptions", "Converted", "convert", "parse_blocks"]

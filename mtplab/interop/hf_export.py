@@ -40,6 +40,7 @@ from typing import Callable
 
 from safetensors.torch import save_file
 
+from ..architectures import architecture_of
 from ..atomic import atomic_dir
 from ..errors import MtplabError
 from ..models.checkpoint import load_model
@@ -214,9 +215,10 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, format: str = "auto"
         raise MtplabError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
     checkpoint, out = Path(checkpoint_dir), Path(out_dir)
     model, tokenizer = load_model(checkpoint)
-    if model.config.arch == "monostep":
-        raise MtplabError(f"{checkpoint} is a Monostep model (no causal LM for transformers): write "
-                          "seed 000's bundle with `mtplab export monostep` instead")
+    other = architecture_of(model)
+    if other is not None:
+        raise MtplabError(f"{checkpoint} is a {other.label} model (no causal LM for transformers): "
+                          f"{other.export_hint}")
     if deepseek_layout and format == "native":
         raise MtplabError("--deepseek-layout names the heads of the remote-code export; a native "
                           "export keeps mtplab's names in mtp_heads.safetensors")

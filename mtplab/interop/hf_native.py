@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from ..architectures import architecture_of
 from ..config import ModelConfig, model_config_from_dict
 from ..errors import MtplabError
 from ..models.heads import family
@@ -69,10 +70,10 @@ def target(config: ModelConfig) -> str:
 def misfits(config: ModelConfig) -> list[tuple[str, str]]:
     """What keeps the trunk from being exactly `target(config)`: (feature in words, with the verb
     that follows it; its setting). Empty when it fits."""
-    c, arch = config, target(config)
+    c, arch, other = config, target(config), architecture_of(config)
     windowed = any(0 < c.window_for(i) < c.max_seq_len for i in range(c.n_layers))
     found = [
-        (c.arch != "causal", "a Monostep model has", f"model.arch={c.arch!r}"),
+        (other is not None, f"a {other and other.label} model has", f"model.arch={c.arch!r}"),
         (c.value_embeds, "value embeddings (model.value_embeds) have", "model.value_embeds=true"),
         (c.embed_norm, "the embedding norm (model.embed_norm) has", "model.embed_norm=true"),
         (c.qk_norm, "QK-norm (model.qk_norm) has", "model.qk_norm=true"),

@@ -112,14 +112,14 @@ def config_int(config: dict[str, Any], key: str, where: str | Path) -> int:
 @dataclass
 class ConvertOptions:
     """The format-specific options of `mtplab convert`; None means not given. Each format declares
-    which of them it reads (convert.FORMATS), and any other given option is an error."""
+    which of them it reads (convert.formats()), and any other given option is an error."""
     heads: int | None = None  # gpt2: number of parallel heads
     head_blocks: list[int] | None = None  # gpt2: the source block each head starts as
     tokenizer: str | None = None  # a tokenizer.json or a directory with tokenizer files
     eos: str | None = None  # the end-of-text token, when the tokenizer's is not a usual one
     rope_base: float | None = None  # nanochat family: RoPE base (default 100000)
     step: int | None = None  # nanochat: which model_<step>.pt (default: the highest)
-    trust_pickle: bool | None = None  # monostep: unpickle a bundle's arbitrary objects (trusted files only)
+    trust_pickle: bool | None = None  # bundles (monostep): unpickle a bundle's arbitrary objects (trusted files only)
 
 
 @dataclass

@@ -1,17 +1,14 @@
-"""The model class a `ModelConfig` describes: the causal decoder, or seed 000's Monostep."""
+"""The model class a `ModelConfig` describes: the causal decoder, or a registered architecture's."""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
+from ..architectures import architecture_of
 from ..config import ModelConfig
+from .transformer import Transformer
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    if config.arch == "monostep":
-        from .monostep import Monostep
-
-        return Monostep(config)
-    from .transformer import Transformer
-
-    return Transformer(config)
+    other = architecture_of(config)
+    return Transformer(config) if other is None else other.build(config)

@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_dir, atomic_write, atomic_write_text, fsync_dir, is_partial
-from ..config import ModelConfig, model_config_from_dict
+from ..config import ModelConfig, model_config_from_dict, model_config_to_dict
 from ..errors import MtplabError
 from ..tokenizer import Tokenizer
 from ..version import __version__
@@ -84,7 +83,7 @@ def _write_files(directory: Path, model: torch.nn.Module, tokenizer: Tokenizer, 
         atomic_write(directory / TRAINER_STATE, lambda tmp: torch.save(trainer_state, tmp))
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"step": str(step)}))
     tokenizer.save(directory)
-    config = {"mtplab_version": __version__, "model": asdict(model.config),
+    config = {"mtplab_version": __version__, "model": model_config_to_dict(model.config),
               "tokenizer": tokenizer.describe(), "step": step}
     if run_config:
         config["run"] = run_config
@@ -133,7 +132,7 @@ def load_weights(directory: str | Path) -> tuple[dict[str, torch.Tensor], int]:
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
-    """The model (a `Transformer`, or a `Monostep` for seed 000's architecture) and tokenizer of a
+    """The model (a `Transformer`, or a registered architecture's, e.g. a `Monostep`) and tokenizer of a
     checkpoint directory, ready for inference."""
     config = read_config(directory)
     model_config: ModelConfig = model_config_from_dict(config["model"], f"{directory}/{CONFIG}")

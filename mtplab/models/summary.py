@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..architectures import architecture_of
 from ..config import ModelConfig
 from .transformer import Transformer
 
@@ -18,8 +19,9 @@ def summarize(config: ModelConfig, context: int | None = None) -> dict:
     """Parameter counts (embeddings: token/position/value-embedding tables and an untied
     unembedding; trunk: the blocks, final norm and stream scalars; heads: everything of heads 0..n-1 beyond the trunk) and forward FLOPs
     per token with `context` tokens of attention (default: the full window)."""
-    if config.arch == "monostep":
-        return _summarize_monostep(config, context or config.max_seq_len)
+    other = architecture_of(config)  # another architecture summarises itself
+    if other is not None:
+        return other.summarize(config, context or config.max_seq_len)
     model = build_on_meta(config)
     groups = {"embeddings": 0, "trunk": 0, "heads": 0}
     per_head_module = {}
@@ -55,24 +57,6 @@ def summarize(config: ModelConfig, context: int | None = None) -> dict:
             "flops_per_token_all_heads": flops_all}
 
 
-def _summarize_monostep(config: ModelConfig, context: int) -> dict:
-    """Seed 000's model re-encodes the whole prefix for every block: FLOPs are per forward."""
-    from .monostep import Monostep
-
-    with torch.device("meta"):
-        model = Monostep(config)
-    groups = {"embeddings": 0, "trunk": 0, "heads": 0}
-    for name, p in model.named_parameters():
-        part = ("embeddings" if name.startswith(("trunk.tok_emb", "trunk.pos_emb")) else
-                "trunk" if name.startswith("trunk.") else "heads")
-        groups[part] += p.numel()
-    encoder = sum(p.numel() for nm, p in model.named_parameters() if nm.startswith("trunk.encoder") and p.dim() == 2)
-    slots = sum(p.numel() for nm, p in model.named_parameters() if nm.startswith("slots.") and p.dim() == 2)
-    per_forward = context * (2 * encoder + config.n_layers * 2 * 2 * context * config.d_model) + 2 * slots
-    return {"parameters": sum(groups.values()), "breakdown": groups, "heads": config.n_future,
-            "family": "monostep", "context": context, "flops_per_forward": per_forward}
-
-
 # The parameter counts the seeds' cards publish for the recipes that reproduce them.
 CARD_PARAMETERS = {"aomts-100m": (126_401_024, "seed 002's card"),
                    "gelu-d12": (261_096_338, "seed 004's card")}
@@ -97,17 +81,11 @@ def card_parameters(recipe_name: str, summary: dict, config: ModelConfig) -> dic
 
 
 def format_summary(summary: dict, config: ModelConfig) -> str:
+    other = architecture_of(config)
+    if other is not None:
+        return other.describe(summary, config)
     c = config
     b = summary["breakdown"]
-    if summary["family"] == "monostep":
-        return "\n".join([
-            f"monostep (seed 000): pooled encoder d_model {c.d_model}, {c.n_layers} layers, {c.n_heads} "
-            f"attention heads, GELU MLP {4 * c.d_model}, learned positions ({c.max_seq_len}), vocab {c.vocab_size}",
-            f"slots: {summary['heads']} chained slot heads, one block of {summary['heads']} tokens per forward",
-            f"parameters: {summary['parameters']:,}",
-            f"  embeddings {b['embeddings']:,}   trunk {b['trunk']:,}   slots {b['heads']:,}",
-            f"forward FLOPs per block at context {summary['context']}: "
-            f"{summary['flops_per_forward'] / 1e6:,.1f}M (the prefix is re-encoded for every block)"])
     lines = [
         f"decoder: d_model {c.d_model}, {c.n_layers} trunk blocks, {c.n_heads} attention heads "
         f"({c.kv_heads} key/value), {c.mlp} MLP {c.ff_dim}, {c.norm}, {c.pos} positions, "

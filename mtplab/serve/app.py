@@ -3,7 +3,7 @@
 Every answer to a bad request is a 4xx whose body is `{"error": {"message", "type", "param",
 "code"}}`, as the `openai` client expects; a 5xx would mean a bug in mtplab. Decoding runs on the
 model worker's thread (worker.py): a Transformer's requests are rows of one batched engine
-(continuous batching, up to `max_batch` rows), a Monostep model's decode one at a time in turn. The
+(continuous batching, up to `max_batch` rows), another architecture's one at a time in turn. The
 handlers only tokenize, validate and relay pieces. Streams
 are server-sent events, one chunk per decode event plus a final chunk with `usage`, ending with
 `data: [DONE]`. Each chunk carries an `mtplab` object: the event's tokens, which of them were
@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..architectures import architecture_of
 from ..config import check_think_loops
 from ..errors import MtplabError
 from ..inference.decode import decode
@@ -179,12 +180,12 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
     more waiting. A Transformer's requests share one `engine_fn(model, max_batch=, n_draft=)`
     (tests slow it down to press stop mid-answer). `decode_fn`, with
     `mtplab.inference.decode.decode`'s signature, decodes each request on its own instead, in turn
-    (a Monostep model always does, with `decode`). `limits`: the body size and read deadline, the
+    (another architecture's model always does, with `decode`; e.g. Monostep's blocks). `limits`: the body size and read deadline, the
     longest prompt (limits.py; the HTTP layer's own are `limits.uvicorn_config`'s)."""
     window = model.config.max_seq_len
     max_prompt = min(limits.max_prompt_tokens or window - 1, window - 1)
     vocab = model.config.vocab_size
-    block_model = model.config.arch == "monostep"  # seed 000: one block of slots per forward
+    other = architecture_of(model)  # e.g. Monostep: one block of slots per forward, no speculation
     batched = decode_fn is None and isinstance(model, Transformer)  # else one request at a time
     decode_fn = decode_fn or decode
     created = int(time.time())
@@ -322,8 +323,8 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
             raise APIError(400, problem, param="stop")
         for i, stop in enumerate(body.stop_strings()):
             check_text(stop, "stop" if isinstance(body.stop, str) else f"stop.{i}")
-        if block_model and (body.speculative or body.n_draft):
-            raise APIError(400, "this is a Monostep model: it decodes in blocks of "
+        if other is not None and (body.speculative or body.n_draft):
+            raise APIError(400, f"this is a {other.label} model: it {other.decoding} of "
                            f"{model.n_future} tokens, without speculation", param="speculative")
         if body.think_loops is not None:  # mtplab extension: this request's think loops
             try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import random
 import shutil
 import sys
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..architectures import architecture_of
 from ..atomic import atomic_write_text
 from ..config import Config
 from ..data.batches import PackedBatches
@@ -103,12 +103,12 @@ def restore_rng(state: dict) -> None:
 
 
 def resolve_vocab(config: Config, vocab_size: int) -> None:
-    """Size the model's vocabulary from the tokenizer (a multiple of 64; exactly for Monostep, as
-    seed 000's 50262), or check that it fits; the tokenizer's size is the real vocabulary (the
-    rows beyond it are padding, never emitted)."""
+    """Size the model's vocabulary from the tokenizer (rounded up to the config's vocab_multiple:
+    64, or 1 for Monostep's exact 50262), or check that it fits; the tokenizer's size is the real
+    vocabulary (the rows beyond it are padding, never emitted)."""
     m = config.model
     if m.vocab_size == 0:
-        m.vocab_size = vocab_size if m.arch == "monostep" else 64 * -(-vocab_size // 64)
+        m.vocab_size = m.vocab_multiple * -(-vocab_size // m.vocab_multiple)
     elif vocab_size > m.vocab_size:
         raise MtplabError(f"tokenizer has {vocab_size} tokens but model.vocab_size is "
                           f"{m.vocab_size}: the vocabulary does not fit the model")
@@ -122,16 +122,13 @@ def resolve_vocab(config: Config, vocab_size: int) -> None:
 def train(config: Config, out_dir: str | Path, resume: bool = False, progress: bool = True,
           bar_options: dict | None = None) -> TrainResult:
     """Train the model described by `config`, writing a checkpoint directory to `out_dir`. Under
-    torchrun this process is one rank of a data-parallel run (see distributed.py). A Monostep model
-    (model.arch = monostep) trains with seed 000's recipe instead (see monostep.py). `bar_options`
+    torchrun this process is one rank of a data-parallel run (see distributed.py). Another
+    architecture (model.arch, see architectures.py) trains with its own loop instead. `bar_options`
     go to the step bar's tqdm (e.g. position, leave, desc: `mtplab ablate` nests it under its own)."""
-    if config.model.arch == "monostep":
-        from .monostep import train_monostep
-
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise MtplabError("monostep training runs in one process (no torchrun)")
+    other = architecture_of(config.model)
+    if other is not None:
         with _cleanup_on_failure(Path(out_dir)):
-            return train_monostep(config, Path(out_dir), resume, progress)
+            return other.train(config, Path(out_dir), resume, progress)
     device = pick_device(config.train.device)
     ranks = distributed.start(device)
     if ranks.active and device.type == "cuda":

@@ -1,4 +1,4 @@
-"""Seed 000's `monostep_bundle.pt` <-> an mtplab checkpoint directory.
+"""The published Monostep's `monostep_bundle.pt` <-> an mtplab checkpoint directory.
 
 The bundle is one `torch.save` dict: model_state_dict, optimizer_state_dict, config (vocab_size,
 d_model, n_layers, n_heads, max_len, slots, ...), train_history, eval_history, sample_output.
@@ -16,18 +16,19 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write
-from ..config import ModelConfig
 from ..errors import MtplabError
+from ..inference.decode import generate
+from ..interop.sources import ConvertOptions, Converted, KeyReport, torch_load
 from ..models.checkpoint import TRAINER_STATE, load_model, load_state, read_config
-from ..models.monostep import Monostep
 from ..tokenizer import Tokenizer
-from .sources import ConvertOptions, Converted, KeyReport, torch_load
+from .config import MonostepConfig
+from .model import Monostep
 
-# Seed 000 adds these to GPT-2's 50257 tokens in this order: <pad> is 50257, <empty> 50258, ...
+# Monostep adds these to GPT-2's 50257 tokens in this order: <pad> is 50257, <empty> 50258, ...
 SPECIALS = ["<pad>", "<empty>", "<system>", "<user>", "<assistant>"]
 BUNDLE_KEYS = ("model_state_dict", "config")
 METRICS_JSON = "metrics.json"  # per-epoch {"train_loss": [...], "eval_loss": [...]}
-SAMPLE_QUESTION = "If a shop has 12 apples and sells 5, how many are left?"  # seed 000's example
+SAMPLE_QUESTION = "If a shop has 12 apples and sells 5, how many are left?"  # the card's example
 
 
 def history_json(history: dict) -> str:
@@ -46,19 +47,19 @@ def read_bundle(path: str | Path, trust_pickle: bool = False) -> dict:
     return bundle
 
 
-def model_config(bundle_config: dict, empty_id: int) -> ModelConfig:
+def model_config(bundle_config: dict, empty_id: int) -> MonostepConfig:
     try:
-        return ModelConfig(arch="monostep", vocab_size=int(bundle_config["vocab_size"]),
-                           d_model=int(bundle_config["d_model"]), n_layers=int(bundle_config["n_layers"]),
-                           n_heads=int(bundle_config["n_heads"]), max_seq_len=int(bundle_config["max_len"]),
-                           n_future=int(bundle_config["slots"]), dropout=float(bundle_config.get("dropout", 0.1)),
-                           empty_token=empty_id)
+        return MonostepConfig(vocab_size=int(bundle_config["vocab_size"]),
+                              d_model=int(bundle_config["d_model"]), n_layers=int(bundle_config["n_layers"]),
+                              n_heads=int(bundle_config["n_heads"]), max_seq_len=int(bundle_config["max_len"]),
+                              n_future=int(bundle_config["slots"]),
+                              dropout=float(bundle_config.get("dropout", 0.1)), empty_token=empty_id)
     except KeyError as exc:
         raise MtplabError(f"the bundle's config lacks {exc.args[0]!r}") from None
 
 
 def seed_tokenizer(path: str | Path) -> Tokenizer:
-    """GPT-2's files (or the bundle's saved tokenizer) with seed 000's special tokens at their ids."""
+    """GPT-2's files (or the bundle's saved tokenizer) with Monostep's special tokens at their ids."""
     tokenizer = Tokenizer.from_path(path, SPECIALS)
     base = tokenizer.token_to_id("<|endoftext|>")
     for offset, token in enumerate(SPECIALS, start=1):
@@ -94,7 +95,7 @@ def convert_monostep(source: Path, options: ConvertOptions) -> Converted:
 
 def export_bundle(checkpoint: str | Path, out_path: str | Path, model: Monostep | None = None,
                   tokenizer: Tokenizer | None = None) -> Path:
-    """Write the checkpoint (or the given in-memory model) as seed 000's bundle."""
+    """Write the checkpoint (or the given in-memory model) as a Monostep bundle."""
     checkpoint, out_path = Path(checkpoint), Path(out_path)
     run = read_config(checkpoint).get("run", {})
     if model is None:
@@ -114,8 +115,6 @@ def export_bundle(checkpoint: str | Path, out_path: str | Path, model: Monostep 
         optimizer = torch.load(found[0], map_location="cpu", weights_only=True).get("optimizer")
     sample = source.get("sample_output")
     if sample is None:
-        from ..inference.decode import generate
-
         sample = generate(model, tokenizer, SAMPLE_QUESTION, chat=True, max_new_tokens=128)
     bundle = {"model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
               "optimizer_state_dict": optimizer, "config": bundle_config,
@@ -125,7 +124,7 @@ def export_bundle(checkpoint: str | Path, out_path: str | Path, model: Monostep 
     return out_path
 
 
-def _bundle_config(config: ModelConfig, train: dict) -> dict:
+def _bundle_config(config: MonostepConfig, train: dict) -> dict:
     out = {"vocab_size": config.vocab_size, "d_model": config.d_model, "n_layers": config.n_layers,
            "n_heads": config.n_heads, "max_len": config.max_seq_len, "slots": config.n_future,
            "dropout": config.dropout}

@@ -1,4 +1,4 @@
-"""Seed 000's training samples: (running prefix, next block of SLOTS answer tokens).
+"""Monostep's training samples: (running prefix, next block of SLOTS answer tokens).
 
 Each answer (its eos included) is cut into blocks of SLOTS tokens, the last one filled with
 `<empty>`; sample j of an example is (prompt + answer[:j*SLOTS], answer[j*SLOTS:(j+1)*SLOTS]) with

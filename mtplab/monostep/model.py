@@ -1,11 +1,11 @@
-"""Seed 000's Monostep: a pooled Transformer encoder and SLOTS chained slot heads.
+"""Monostep (pooled-encoder block prediction): a pooled Transformer encoder and SLOTS chained slots.
 
 The prefix is encoded bidirectionally (padding masked), mean-pooled and normed into one vector
 h_shared; slot k then maps [h_shared, h_{k-1}] to h_k (residual MLP + LayerNorm, h_{-1} a learned
-init_state) and h_k to the vocabulary, so one forward yields a block of SLOTS next tokens. Module and
-parameter names equal the seed's `Trunk`, `Slot` and `Monostep` classes, so its `model_state_dict`
-loads with strict=True; at the seed's config (vocab 50262, d 64, 4 layers, 4 heads, max_len 512,
-4 slots) that is 16,567,960 parameters.
+init_state) and h_k to the vocabulary, so one forward yields a block of SLOTS next tokens. Module
+and parameter names equal the published model's `Trunk`, `Slot` and `Monostep` classes, so its
+`model_state_dict` loads with strict=True; at its card's config (vocab 50262, d 64, 4 layers,
+4 heads, max_len 512, 4 slots) that is 16,567,960 parameters.
 
 There is no KV cache: every block re-encodes the whole prefix (its summary is not causal).
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig
-from .transformer import mask_padded_ids
+from ..models.transformer import mask_padded_ids
+from .config import MonostepConfig
 
 
 class Trunk(nn.Module):
@@ -53,7 +53,7 @@ class Slot(nn.Module):
 
 
 class Monostep(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: MonostepConfig):
         super().__init__()
         if config.vocab_size < 1:
             raise ValueError("model.vocab_size must be set before building the model")

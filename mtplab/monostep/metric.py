@@ -1,17 +1,22 @@
-"""Seed 000's loss: cross-entropy of the next block's SLOTS tokens, predicted from each block start.
+"""Monostep's metric: cross-entropy of the next block's SLOTS tokens, predicted from each block start.
 
 For a Monostep model that is its training loss on the (prefix, block) samples. A causal model with
 SLOTS heads is scored on exactly the same predictions: at the last position of each prefix, head k
 predicts the block's token k. `<empty>` fill is never scored. Both return the mean over every scored
-token (all slots pooled) and the mean of each slot.
+token (all slots pooled) and the mean of each slot. `evaluate` is `mtplab eval` on a Monostep model.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ..data.blocks import BlockBatches
+from ..data.pipeline import chat_pairs
+from ..errors import MtplabError
+from .data import BlockBatches
+from .model import Monostep
 
 
 def _summary(totals: torch.Tensor, counts: torch.Tensor) -> dict:
@@ -74,3 +79,43 @@ def causal_block_loss(model, pairs: list[tuple[list[int], list[int]]], slots: in
             totals[k] += float(F.cross_entropy(head.float(), targets[where + k], reduction="sum"))
             counts[k] += len(where)
     return _summary(totals, counts)
+
+
+def evaluate(model: Monostep, tokenizer, task: str, data, limit: int | None) -> tuple[dict, str]:
+    """`mtplab eval`'s loss and ppl (evaluation/tasks.py checks the arguments and answers gsm8k
+    itself). A Monostep model scores blocks: `loss` is its block loss per slot over (prefix, next block)
+    samples (of the answers in a jsonl, or of every block of a text's max_len windows); `ppl` is
+    slot 0's next-token loss at every position (one forward per token: use --limit on long texts)."""
+    window, slots = model.config.max_seq_len, model.n_future
+    if isinstance(data, list):
+        pairs = chat_pairs(data, tokenizer)
+    else:
+        ids = tokenizer.encode(data)[: None if limit is None else limit * window]
+        if len(ids) < 2:
+            raise MtplabError("need at least two tokens to score")
+        pairs = [(ids[i:i + 1], ids[i + 1:i + window]) for i in range(0, len(ids) - 1, window - 1)]
+    size = 1 if task == "ppl" else slots  # ppl: every position is a one-token block for slot 0
+    batches = BlockBatches(pairs, size, 16, tokenizer.pad_id, model.config.empty_token, window)
+    if task == "ppl":
+        one_slot = FirstSlot(model)
+        result = monostep_block_loss(one_slot, batches)
+        nats = result["loss"]
+        n_bytes = len(tokenizer.decode([t for p, a in pairs for t in p + a]).encode("utf-8"))
+        out = {"task": "ppl", "tokens": result["tokens"], "nats_per_token": nats, "perplexity": math.exp(nats),
+               "bits_per_byte": nats * result["tokens"] / math.log(2) / max(n_bytes, 1)}
+        return out, (f"{out['tokens']:,} tokens (slot 0): {nats:.4f} nats/token, perplexity "
+                     f"{out['perplexity']:.2f}, {out['bits_per_byte']:.4f} bits/byte")
+    result = monostep_block_loss(model, batches)
+    summary = (f"block cross-entropy (nats/token): {result['loss']:.4f}; per slot: " +
+               ", ".join(f"slot {k} {l:.4f}" for k, l in enumerate(result["slot_losses"])))
+    return {"task": "loss", "loss": result["loss"], "head_losses": result["slot_losses"]}, summary
+
+
+class FirstSlot:
+    """A Monostep model seen through slot 0 alone: [B, 1, V] logits of the next token."""
+
+    def __init__(self, model: Monostep):
+        self.model, self.device = model, model.device
+
+    def __call__(self, ids, mask):
+        return self.model(ids, mask)[:, :1]

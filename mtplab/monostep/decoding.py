@@ -1,10 +1,10 @@
-"""Block-autoregressive decoding of a Monostep model (seed 000): one forward yields SLOTS tokens.
+"""Block-autoregressive decoding of a Monostep model: one forward yields SLOTS tokens.
 
-Seed 000's rules: the slots are decoded independently (argmax each, or sampled each), `<empty>`
+The published model's rules: the slots are decoded independently (argmax each, or sampled each), `<empty>`
 tokens are dropped, the rest of the block is appended to the context, which keeps its last
 max_len tokens; decoding ends after an empty block or a block holding eos, or after
-max_new_tokens // SLOTS blocks. As in the seed, tokens a block holds after its eos still count
-(eos itself is never emitted). Unlike the seed, a prompt longer than max_len is cut too, and a
+max_new_tokens // SLOTS blocks. As in the original, tokens a block holds after its eos still count
+(eos itself is never emitted). Unlike the original, a prompt longer than max_len is cut too, and a
 limit that SLOTS does not divide gets one more block, cut to the limit.
 """
 
@@ -15,9 +15,9 @@ from typing import Iterator
 import torch
 
 from ..errors import MtplabError
-from ..models.monostep import Monostep
-from .generate import Event
-from .sampling import SamplingParams, sample
+from ..inference.generate import Event
+from ..inference.sampling import SamplingParams, sample
+from .model import Monostep
 
 
 @torch.no_grad()

@@ -1,15 +1,16 @@
-"""Seed 000's training recipe for a Monostep model: (prefix, next block) samples, mean cross-entropy
+"""Monostep's training recipe: (prefix, next block) samples, mean cross-entropy
 over the slots with `<empty>` unscored, AdamW, gradient clipping, a fixed number of epochs, and a
 held-out evaluation after each.
 
-A run directory holds what the seed publishes beside mtplab's checkpoint files: `metrics.json`
-(per-epoch train/eval loss), `loss.png` and `monostep_bundle.pt` (the seed's format, see
-interop/monostep.py). Checkpoints are saved after every epoch and on a stop signal, so `--resume`
+A run directory holds what the published model ships beside mtplab's checkpoint files:
+`metrics.json` (per-epoch train/eval loss), `loss.png` and `monostep_bundle.pt` (its format, see
+bundle.py). Checkpoints are saved after every epoch and on a stop signal, so `--resume`
 continues mid-epoch exactly where a run stopped.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -18,23 +19,26 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from ..config import Config
-from ..data.blocks import BlockBatches
 from ..data.pipeline import build_tokenizer, chat_pairs, load_examples
 from ..errors import MtplabError
-from ..evaluation.block_loss import monostep_block_loss, slot_cross_entropy
 from ..evaluation.plots import plot_epoch_losses
-from ..interop.monostep import METRICS_JSON, export_bundle, history_json
 from ..models.checkpoint import load_state, load_tokenizer, save_step, step_dirs
-from ..models.monostep import Monostep
-from .faults import NonFiniteGuard, StopSignals
-from .schedules import lr_multiplier
-from .trainer import (LOSS_PLOT, TrainResult, autocast_for, pick_device, resolve_vocab, restore_rng, resume_point,
-                      rng_state, seed_everything)
+from ..training.faults import NonFiniteGuard, StopSignals
+from ..training.schedules import lr_multiplier
+from ..training.trainer import (LOSS_PLOT, TrainResult, autocast_for, pick_device, resolve_vocab, restore_rng,
+                                resume_point, rng_state, seed_everything)
+from .bundle import METRICS_JSON, export_bundle, history_json
+from .data import BlockBatches
+from .metric import monostep_block_loss, slot_cross_entropy
+from .model import Monostep
 
 BUNDLE = "monostep_bundle.pt"
 
 
 def train_monostep(config: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train the Monostep model `config` describes into `out_dir` (mtplab.train dispatches here)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MtplabError("monostep training runs in one process (no torchrun)")
     t_cfg, m_cfg = config.train, config.model
     if t_cfg.epochs < 1:
         raise MtplabError("a monostep recipe trains for train.epochs (>= 1) passes over its samples")
