@@ -26,15 +26,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mtplab.data.blocks import BlockBatches  # noqa: E402
+from mtplab.monostep.data import BlockBatches  # noqa: E402
 from mtplab.data.pipeline import chat_pairs  # noqa: E402
 from mtplab.data.qa import load_qa_jsonl  # noqa: E402
-from mtplab.evaluation.block_loss import causal_block_loss, monostep_block_loss  # noqa: E402
+from mtplab.monostep.metric import causal_block_loss, monostep_block_loss  # noqa: E402
 from mtplab.evaluation.exact_match import is_correct  # noqa: E402
 from mtplab.inference.decode import decode  # noqa: E402
 from mtplab.inference.speculative import SpeculativeStats  # noqa: E402
 from mtplab.models.checkpoint import load_model  # noqa: E402
-from mtplab.models.monostep import Monostep  # noqa: E402
+from mtplab.monostep.model import Monostep  # noqa: E402
 
 SYSTEMS = {  # name: (run directory, recipe, overrides)
     "monostep (faithful)": ("monostep", "monostep-gsm8k.toml", []),

@@ -9,7 +9,8 @@ from mtplab.errors import MtplabError
 from mtplab.inference.decode import decode, decode_batch, decode_many, generate
 from mtplab.inference.generate import generate_ids, generate_speculative
 from mtplab.inference.sampling import SamplingParams
-from mtplab.models.monostep import Monostep
+from mtplab.monostep.config import MonostepConfig
+from mtplab.monostep.model import Monostep
 from mtplab.models.transformer import Transformer
 
 
@@ -65,8 +66,8 @@ def test_seeded_sampling_rows_draw_as_they_would_alone():
 
 def test_monostep_prompts_decode_one_at_a_time_as_alone():
     torch.manual_seed(1)
-    model = Monostep(ModelConfig(arch="monostep", vocab_size=40, d_model=16, n_layers=1, n_heads=2,
-                                 max_seq_len=48, n_future=4, empty_token=1)).eval()
+    model = Monostep(MonostepConfig(vocab_size=40, d_model=16, n_layers=1, n_heads=2,
+                                    max_seq_len=48, n_future=4, empty_token=1)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)

@@ -17,12 +17,13 @@ import torch
 from mtplab.config import Config, ModelConfig
 from mtplab.errors import MtplabError
 from mtplab.evaluation.perplexity import perplexity
-from mtplab.inference.blocks import generate_blocks
+from mtplab.monostep.decoding import generate_blocks
 from mtplab.inference.decode import decode_batch
 from mtplab.inference.generate import generate_ids, generate_speculative
 from mtplab.inference.sampling import SamplingParams, next_token_probs, sample
 from mtplab.models.checkpoint import load_model, save_checkpoint
-from mtplab.models.monostep import Monostep
+from mtplab.monostep.config import MonostepConfig
+from mtplab.monostep.model import Monostep
 from mtplab.models.transformer import Transformer
 from mtplab.tokenizer import Tokenizer
 from mtplab.training.losses import backward_all_heads, backward_heads, evaluate_heads
@@ -108,8 +109,8 @@ def test_every_decoding_path_emits_real_tokens_only():
 
 def test_monostep_blocks_emit_real_tokens_only():
     torch.manual_seed(0)
-    model = Monostep(ModelConfig(arch="monostep", vocab_size=320, vocab_real=300, d_model=32, n_layers=1,
-                                 n_heads=4, max_seq_len=32, n_future=4, dropout=0.0)).eval()
+    model = Monostep(MonostepConfig(vocab_size=320, vocab_real=300, d_model=32, n_layers=1,
+                                    n_heads=4, max_seq_len=32, n_future=4, dropout=0.0)).eval()
     boost_padding(model, 300)
     ids = torch.tensor([prompts(300)[2]])
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Seed 000's bundle -> mtplab checkpoint -> bundle, checked against tests/seed000.py's reading of
+"""Seed 000's bundle -> mtplab checkpoint -> bundle, checked against tests/monostep/seed000.py's reading of
 the card: same keys, same logits, same block-greedy text, bit-exact round trips."""
 
 import argparse
@@ -10,10 +10,11 @@ from mtplab.errors import MtplabError
 from mtplab.inference.decode import generate
 from mtplab.models.checkpoint import load_model
 from mtplab.interop.convert import ConvertOptions, convert
-from mtplab.interop.monostep import export_bundle, read_bundle
-from mtplab.models.monostep import Monostep
+from mtplab.monostep.bundle import export_bundle, read_bundle
+from mtplab.monostep.config import MonostepConfig
+from mtplab.monostep.model import Monostep
 from mtplab.tokenizer import Tokenizer
-from tests import seed000
+from tests.monostep import seed000
 from tests.conftest import shared_path
 from tests.test_cli import assert_one_line_error, run_cli
 
@@ -63,11 +64,10 @@ def reference_text(reference, tok, config, question, max_new_tokens=64):
 
 
 def test_seed_configuration_has_the_published_size_and_key_names():
-    from mtplab.config import ModelConfig
 
     with torch.device("meta"):
-        ours = Monostep(ModelConfig(arch="monostep", vocab_size=50262, d_model=64, n_layers=4, n_heads=4,
-                                    max_seq_len=512, n_future=4, dropout=0.1))
+        ours = Monostep(MonostepConfig(vocab_size=50262, d_model=64, n_layers=4, n_heads=4,
+                                       max_seq_len=512, n_future=4, dropout=0.1))
         theirs = seed000.Monostep(50262)
     assert ours.num_parameters() == 16_567_960
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from mtplab.data.blocks import BlockBatches
+from mtplab.monostep.data import BlockBatches
 
 E, PAD = 99, 98
 

@@ -10,9 +10,9 @@ import mtplab
 from mtplab.config import load_config
 from mtplab.errors import MtplabError
 from mtplab.models.checkpoint import load_model, load_weights
-from mtplab.interop.monostep import read_bundle
-from mtplab.models.monostep import Monostep
-from tests import seed000
+from mtplab.monostep.bundle import read_bundle
+from mtplab.monostep.model import Monostep
+from tests.monostep import seed000
 from tests.conftest import ROOT, shared_path
 
 RECIPE = ROOT / "recipes" / "monostep-gsm8k.toml"

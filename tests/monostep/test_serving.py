@@ -6,8 +6,8 @@ import httpx
 import torch
 
 import mtplab
-from mtplab.config import ModelConfig
-from mtplab.models.monostep import Monostep
+from mtplab.monostep.config import MonostepConfig
+from mtplab.monostep.model import Monostep
 from mtplab.serve import create_app
 from mtplab.tokenizer import Tokenizer
 from tests.serve.conftest import LiveServer
@@ -20,8 +20,8 @@ def test_monostep_streams_blocks_and_refuses_speculation():
     text = "Ava has 3 apples and buys 4 more. She has 7 apples now. " * 30
     tok = Tokenizer.train([text], 200, ["<pad>", "<empty>", "<system>", "<user>", "<assistant>"])
     torch.manual_seed(1)
-    model = Monostep(ModelConfig(arch="monostep", vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2,
-                                 max_seq_len=160, n_future=4, empty_token=tok.token_to_id("<empty>")))
+    model = Monostep(MonostepConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2,
+                                    max_seq_len=160, n_future=4, empty_token=tok.token_to_id("<empty>")))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)

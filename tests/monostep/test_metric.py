@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from mtplab.config import ModelConfig
-from mtplab.data.blocks import BlockBatches
-from mtplab.evaluation.block_loss import causal_block_loss, monostep_block_loss
+from mtplab.monostep.data import BlockBatches
+from mtplab.monostep.metric import causal_block_loss, monostep_block_loss
 from mtplab.evaluation.tasks import evaluate_task
 from mtplab.models.checkpoint import save_checkpoint
-from mtplab.models.monostep import Monostep
+from mtplab.monostep.config import MonostepConfig
+from mtplab.monostep.model import Monostep
 from mtplab.models.transformer import Transformer
 from mtplab.tokenizer import Tokenizer
 
@@ -35,8 +36,8 @@ def manual(logits_for, pairs, slots):
 
 
 def test_monostep_block_loss_is_the_mean_over_scored_slots():
-    model = Monostep(ModelConfig(arch="monostep", vocab_size=V, d_model=16, n_layers=1, n_heads=2,
-                                 max_seq_len=32, n_future=4, empty_token=E)).eval()
+    model = Monostep(MonostepConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2,
+                                    max_seq_len=32, n_future=4, empty_token=E)).eval()
     batches = BlockBatches(PAIRS, 4, 2, PAD, E, 32)
     expected = manual(lambda prefix: model(torch.tensor([prefix]))[0], PAIRS, 4)
     got = monostep_block_loss(model, batches)
@@ -69,8 +70,8 @@ def monostep_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("mono")
     text = "Ava has 3 apples and buys 4 more. She has 7 apples now. " * 30
     tok = Tokenizer.train([text], 200, ["<pad>", "<empty>", "<system>", "<user>", "<assistant>"])
-    model = Monostep(ModelConfig(arch="monostep", vocab_size=tok.vocab_size, d_model=16, n_layers=1,
-                                 n_heads=2, max_seq_len=24, n_future=4, empty_token=tok.token_to_id("<empty>")))
+    model = Monostep(MonostepConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2,
+                                    max_seq_len=24, n_future=4, empty_token=tok.token_to_id("<empty>")))
     save_checkpoint(out, model.eval(), tok)
     (out / "text.txt").write_text(text[:400])
     (out / "qa.jsonl").write_text('{"question": "Ava has 3 apples and buys 4.", "answer": "She has 7. #### 7"}\n' * 3)
@@ -96,6 +97,6 @@ def test_eval_tasks_on_a_monostep_checkpoint(monostep_checkpoint):
 
 
 def _first(model):
-    from mtplab.evaluation.tasks import _FirstSlot
+    from mtplab.monostep.metric import FirstSlot as _FirstSlot
 
     return _FirstSlot(model)
