@@ -5,7 +5,7 @@ sequence in one pass), and that trunk with 4 parallel one-block heads.
 Each run is `mtplab train` on GSM8K's train split with train.time_limit = --budget seconds (the run
 ends there as if finished: evaluated and saved). Then all three are scored on GSM8K test questions with
 seed 000's metric (mean cross-entropy of the next 4-token block from every block start, <empty>
-unscored; see mtplab/evaluation/block_loss.py), and decode the same questions greedily.
+unscored; see mtplab/monostep/metric.py), and decode the same questions greedily.
 
     python benchmarks/seed000_comparison.py --budget 600 --out runs/seed000-comparison
 """

@@ -22,7 +22,7 @@ class ChatTemplate:
     default_system: str = ""
 
 
-# Seed 000's prompt: "<system> You are a helpful math assistant.\n<user> {question}\n<assistant> "
+# Monostep's GSM8K prompt (the default chat template): "<system> You are a helpful math assistant.\n<user> {question}\n<assistant> "
 CHAT_TEMPLATES = {
     "monostep": ChatTemplate(system="<system> {content}\n", user="<user> {content}\n",
                              assistant="<assistant> {content}\n", generation_prompt="<assistant> ",
@@ -66,7 +66,7 @@ class Tokenizer:
     def from_path(cls, path: str | Path, special_tokens: list[str] = (), eos: str = "<|endoftext|>",
                   chat_template: str = "monostep") -> "Tokenizer":
         """Load `tokenizer.json`, or a directory holding it or GPT-2's `vocab.json` + `merges.txt`,
-        then add the special tokens that are missing, in order (GPT-2 + seed 000: ids 50257-50261)."""
+        then add the special tokens that are missing, in order (GPT-2 + Monostep's five: ids 50257-50261)."""
         path = Path(path)
         if path.is_dir() and (path / "tokenizer.json").is_file():
             path = path / "tokenizer.json"

@@ -1,4 +1,4 @@
-"""Monostep: pooled-encoder block prediction, in one package (the README maps it to seed 000).
+"""Monostep: pooled-encoder block prediction, in one package (the README's recipe table names its source).
 
 A bidirectional encoder pools the prefix into one vector; SLOTS chained slot heads turn it into the
 next block of SLOTS tokens, so one forward yields a block. One module per stage:
