@@ -22,7 +22,8 @@ class ChatTemplate:
     default_system: str = ""
 
 
-# Monostep's GSM8K prompt (the default chat template): "<system> You are a helpful math assistant.\n<user> {question}\n<assistant> "
+# Monostep's GSM8K prompt, every recipe's default:
+# "<system> You are a helpful math assistant.\n<user> {question}\n<assistant> "
 CHAT_TEMPLATES = {
     "monostep": ChatTemplate(system="<system> {content}\n", user="<user> {content}\n",
                              assistant="<assistant> {content}\n", generation_prompt="<assistant> ",

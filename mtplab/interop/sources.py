@@ -119,7 +119,7 @@ class ConvertOptions:
     eos: str | None = None  # the end-of-text token, when the tokenizer's is not a usual one
     rope_base: float | None = None  # nanochat family: RoPE base (default 100000)
     step: int | None = None  # nanochat: which model_<step>.pt (default: the highest)
-    trust_pickle: bool | None = None  # bundles (monostep): unpickle a bundle's arbitrary objects (trusted files only)
+    trust_pickle: bool | None = None  # monostep's bundle: unpickle its arbitrary objects (trusted files only)
 
 
 @dataclass

@@ -9,7 +9,7 @@ k >= 1); a family produces the hidden states [B, T_k, D] that feed them.
   only be computed where token t+k is known (T - k positions).
 - medusa (Cai et al. 2024): head 0 is the trunk itself; head k >= 1 is a residual SiLU block on the
   final normed hidden state and a vocabulary projection of its own (not the shared unembedding).
-- slots (Monostep's slots on a causal trunk): slot k maps [x_t, h_{k-1}] to h_k = norm(h_{k-1} + MLP(...))
+- slots (Monostep's, on a causal trunk): slot k maps [x_t, h_{k-1}] to h_k = norm(h_{k-1} + MLP(...))
   with h_{-1} a learned init state, where x_t is the normed trunk state at position t (Monostep's
   pooled prefix summary, made causal so every block start of a sequence trains in one pass).
 

@@ -180,8 +180,8 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
     more waiting. A Transformer's requests share one `engine_fn(model, max_batch=, n_draft=)`
     (tests slow it down to press stop mid-answer). `decode_fn`, with
     `mtplab.inference.decode.decode`'s signature, decodes each request on its own instead, in turn
-    (another architecture's model always does, with `decode`; e.g. Monostep's blocks). `limits`: the body size and read deadline, the
-    longest prompt (limits.py; the HTTP layer's own are `limits.uvicorn_config`'s)."""
+    (another architecture's model, e.g. Monostep's blocks, always does, with `decode`). `limits`: the
+    body size and read deadline, the longest prompt (limits.py; the HTTP layer's own are `limits.uvicorn_config`'s)."""
     window = model.config.max_seq_len
     max_prompt = min(limits.max_prompt_tokens or window - 1, window - 1)
     vocab = model.config.vocab_size
