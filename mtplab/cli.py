@@ -515,7 +515,7 @@ def cmd_info(args) -> None:
     from .config import find_recipe, load_config, model_config_from_dict, parse_override
     from .models.checkpoint import read_config
     from .models.summary import card_parameters, format_summary, summarize
-    from .training.trainer import resolve_vocab
+    from .training.run import resolve_vocab
 
     if Path(args.source).is_dir():
         raw = read_config(args.source)["model"]
@@ -548,7 +548,7 @@ def cmd_recipes(args) -> None:
 
     from .config import load_config, packaged_recipes, recipe_summary
     from .models.summary import summarize
-    from .training.trainer import resolve_vocab
+    from .training.run import resolve_vocab
 
     rows = []
     for name, path in packaged_recipes().items():

@@ -18,7 +18,8 @@ from .evaluation.exact_match import evaluate_answers
 from .evaluation.speed import bench_decoding
 from .inference.decode import generate
 from .inference.tree import DraftTree
-from .training.trainer import pick_device, train
+from .training.run import pick_device
+from .training.trainer import train
 
 RECIPES = Path(__file__).parent / "recipes"
 

@@ -25,8 +25,8 @@ from ..evaluation.plots import plot_epoch_losses
 from ..models.checkpoint import load_state, load_tokenizer, save_step, step_dirs
 from ..training.faults import NonFiniteGuard, StopSignals
 from ..training.schedules import lr_multiplier
-from ..training.trainer import (LOSS_PLOT, TrainResult, autocast_for, pick_device, resolve_vocab, restore_rng,
-                                resume_point, rng_state, seed_everything)
+from ..training.run import (LOSS_PLOT, TrainResult, autocast_for, pick_device, resolve_vocab, restore_rng,
+                            resume_point, rng_state, seed_everything)
 from .bundle import METRICS_JSON, export_bundle, history_json
 from .data import BlockBatches
 from .metric import monostep_block_loss, slot_cross_entropy

@@ -57,6 +57,14 @@ def start(device: torch.device) -> Ranks:
     return ranks
 
 
+def rank_device(ranks: Ranks, device: torch.device) -> torch.device:
+    """The device this rank trains on: its own GPU (LOCAL_RANK) under torchrun on CUDA."""
+    if ranks.active and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
 def stop(ranks: Ranks) -> None:
     if ranks.active and dist.is_initialized():
         dist.destroy_process_group()
@@ -66,6 +74,23 @@ def check_batch(ranks: Ranks, batch_size: int) -> None:
     if batch_size % ranks.world:
         raise MtplabError(f"train.batch_size ({batch_size}) must be divisible by the number of "
                           f"processes ({ranks.world}): it is the global batch, split between them")
+
+
+def sharded(ranks: Ranks, parallel: str, optimizer: str, tst: bool) -> bool:
+    """Whether this run shards its model (train.parallel = fsdp under torchrun); refused where the
+    step needs what FSDP splits."""
+    if not (ranks.active and parallel == "fsdp"):
+        return False
+    if tst or optimizer != "adamw":
+        raise MtplabError("train.parallel = fsdp supports AdamW without TST for now (Muon/Aurora need "
+                          "whole matrices, TST's phase 1 its own forward): use ddp")
+    return True
+
+
+def loss_scale(ranks: Ranks, sharded: bool, grad_accum: int) -> float:
+    """What each micro-batch's loss is multiplied by before its backward. FSDP averages gradients
+    over ranks; the losses are already shares of the global mean, so it is undone."""
+    return (ranks.world if sharded else 1) / grad_accum
 
 
 def sum_(ranks: Ranks, values: torch.Tensor) -> torch.Tensor:
@@ -86,6 +111,21 @@ def sum_gradients(ranks: Ranks, model: torch.nn.Module) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def reduce_gradients(ranks: Ranks, model: torch.nn.Module, sharded: bool) -> None:
+    """After the last micro-batch: the replicas' gradients summed (FSDP reduces its shards
+    itself, during backward)."""
+    if not sharded:
+        sum_gradients(ranks, model)
+
+
+def grad_norm(params: list[torch.nn.Parameter], clip: float) -> float:
+    """The gradients' global norm, clipped to `clip` first when it is > 0 (a DTensor under FSDP)."""
+    if clip > 0:
+        return to_float(torch.nn.utils.clip_grad_norm_(params, clip))
+    grads = [p.grad for p in params if p.grad is not None]
+    return to_float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def shard(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> None:
@@ -111,6 +151,20 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=options),
             get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def states(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict | None, dict]:
+    """What a checkpoint saves: (whole model state, or None to read the model itself; optimizer
+    state). Sharded, every rank must call."""
+    return full_state(model, optimizer) if sharded else (None, optimizer.state_dict())
+
+
+def restore_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                      sharded: bool) -> None:
+    if sharded:
+        load_optimizer(model, optimizer, state)
+    else:
+        optimizer.load_state_dict(state)
 
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -86,24 +86,40 @@ def backward_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, 
     mask = AttentionMask(0, ids.size(1), ids.device)
     with autocast():
         h = model.trunk(ids, mask)  # [B, T, D]
+
+    def hidden(k: int, trunk: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        return model.head_hidden(k, trunk, prev, ids, mask)
+
+    def loss(k: int, h_k: torch.Tensor) -> torch.Tensor:
+        total, count = scored_head_loss(model, k, h_k, labels, autocast, label_smoothing)
+        return total / max(count if counts is None else counts[k], 1)
+
+    return backward_by_head(model.n_future, h, hidden, loss, weights, scale, autocast)
+
+
+def backward_by_head(n_heads: int, h: torch.Tensor, hidden, loss, weights: list[float], scale: float = 1.0,
+                     autocast=contextlib.nullcontext) -> list[float]:
+    """The head-at-a-time backward (see the top of this file), for any objective: from the trunk
+    output h [B, T, D], `hidden(k, trunk, prev)` gives head k's hidden state and `loss(k, h_k)`
+    its mean loss. Accumulates the gradients of sum_k weights[k] * loss_k (times `scale`) and
+    returns each loss_k. Next-token training (`backward_heads`) and TST's phase 1 use it."""
     trunk_out = h.detach().requires_grad_()
     # Head hidden states stay alive (each [B, T, D]); their logits ([B, T, V]) never do together.
     outputs, detached = [], []
     prev = trunk_out
-    for k in range(model.n_future):
+    for k in range(n_heads):
         with autocast():
-            out = model.head_hidden(k, trunk_out, prev, ids, mask)
+            out = hidden(k, trunk_out, prev)
         leaf = out.detach().requires_grad_()
         outputs.append(out)
         detached.append(leaf)
         prev = leaf
-    losses = [0.0] * model.n_future
-    for k in reversed(range(model.n_future)):  # deepest first: its gradient feeds depth k-1
-        total, count = scored_head_loss(model, k, detached[k], labels, autocast, label_smoothing)
-        mean = total / max(count if counts is None else counts[k], 1)
+    losses = [0.0] * n_heads
+    for k in reversed(range(n_heads)):  # deepest first: its gradient feeds depth k-1
+        mean = loss(k, detached[k])  # the logits it made are freed once its backward ran
         losses[k] = mean.item()
         (mean * weights[k] * scale).backward()
-        del total, mean
+        del mean
         if outputs[k] is not detached[k] and detached[k].grad is not None:
             outputs[k].backward(detached[k].grad)  # into the head's weights and its input
     if trunk_out.grad is not None and h.requires_grad:  # a frozen trunk needs no backward
@@ -127,3 +143,8 @@ def backward_all_heads(model: Transformer, ids: torch.Tensor, labels: torch.Tens
         total_loss = total_loss + mean * weights[k]
     (total_loss * scale).backward()
     return losses
+
+
+def weighted_loss(losses: list[float], weights: list[float]) -> float:
+    """The training objective from each head's loss: sum_k weights[k] * loss_k."""
+    return float(sum(l * w for l, w in zip(losses, weights)))

@@ -1,122 +1,38 @@
 """The training loop: AdamW or Muon/Aurora (optimizers.py), warmup + cosine/WSD, TST phase 1 (tst.py),
 accumulation, clipping, bf16 autocast where the hardware has it, periodic held-out evaluation, atomic rotating checkpoints,
-bit-exact `--resume`, data parallelism under torchrun, skipped non-finite steps, a clean stop on
-SIGINT/SIGTERM, metrics.jsonl, a progress bar and a loss plot."""
+bit-exact `--resume`, data parallelism under torchrun (distributed.py), skipped non-finite steps, a
+clean stop on SIGINT/SIGTERM, metrics.jsonl, a progress bar and a loss plot.
+
+Top to bottom: `train` (one process, or one rank of a torchrun), `_setup` (everything before the
+first step), `_train` (the loop), then the loop's parts in the order a step calls them. What every
+training loop shares (device, RNG, the run directory, the result type) is in run.py.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
-import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_of
-from ..atomic import atomic_write_text
 from ..config import Config
-from ..data.batches import PackedBatches
 from ..data.pipeline import Dataset, build_dataset
 from ..errors import MtplabError
-from ..evaluation.plots import plot_losses, read_metrics
-from ..models.checkpoint import (TRAINER_STATE, WEIGHTS, load_base, load_latest, load_state, load_tokenizer,
-                                remove_partial_writes, save_step, step_dirs)
+from ..evaluation.plots import plot_losses
+from ..models.checkpoint import WEIGHTS, load_base, load_state, save_step
 from ..models.transformer import Transformer
 from . import distributed, tst
 from .faults import NonFiniteGuard, StopSignals
-from .losses import backward_all_heads, backward_heads, evaluate_heads, label_counts, mask_pad
+from .losses import backward_all_heads, backward_heads, evaluate_heads, label_counts, mask_pad, weighted_loss
 from .optimizers import make_optimizer
+from .run import (LOSS_PLOT, METRICS, TrainResult, append_metrics, autocast_for, cleanup_on_failure, open_run,
+                  pick_device, resolve_vocab, restore_rng, rng_state, seed_everything, truncate_metrics)
 from .schedules import lr_multiplier
-
-METRICS, LOSS_PLOT = "metrics.jsonl", "loss.png"
-
-
-@dataclass
-class TrainResult:
-    model: Transformer
-    dataset: Dataset
-    out_dir: Path
-    step: int
-    head_losses: list[float] = field(default_factory=list)  # last logged train losses
-    eval_head_losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0  # the whole run: training steps, evaluations and checkpoint writes
-    train_seconds: float = 0.0  # the training steps alone: what train.time_limit counts
-    resumed_from: int | None = None  # the step --resume continued from
-    nonfinite_steps: int = 0  # updates skipped for a non-finite loss or gradient
-    stopped_by: str = ""  # the signal that ended the run early (a checkpoint was saved)
-    time_limited: bool = False  # train.time_limit ended the run (evaluated and saved as a last step)
-    main: bool = True  # rank 0 (the process that writes), or a single process
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MtplabError("device cuda requested but no CUDA GPU is available")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast on a GPU that supports it ('auto'), or wherever asked for ('bf16')."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda"
-                                   and torch.cuda.is_bf16_supported())
-    if not use_bf16:
-        return contextlib.nullcontext
-    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _numpy_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached": cached}
-
-
-def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                         n["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def resolve_vocab(config: Config, vocab_size: int) -> None:
-    """Size the model's vocabulary from the tokenizer (rounded up to the config's vocab_multiple:
-    64, or 1 for Monostep's exact 50262), or check that it fits; the tokenizer's size is the real
-    vocabulary (the rows beyond it are padding, never emitted)."""
-    m = config.model
-    if m.vocab_size == 0:
-        m.vocab_size = m.vocab_multiple * -(-vocab_size // m.vocab_multiple)
-    elif vocab_size > m.vocab_size:
-        raise MtplabError(f"tokenizer has {vocab_size} tokens but model.vocab_size is "
-                          f"{m.vocab_size}: the vocabulary does not fit the model")
-    if m.vocab_real == 0:
-        m.vocab_real = vocab_size
-    elif not vocab_size <= m.vocab_real <= m.vocab_size:
-        raise MtplabError(f"model.vocab_real is {m.vocab_real}: it must hold the tokenizer's {vocab_size} "
-                          f"tokens and fit model.vocab_size ({m.vocab_size})")
 
 
 def train(config: Config, out_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -127,232 +43,132 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, progress: b
     go to the step bar's tqdm (e.g. position, leave, desc: `mtplab ablate` nests it under its own)."""
     other = architecture_of(config.model)
     if other is not None:
-        with _cleanup_on_failure(Path(out_dir)):
+        with cleanup_on_failure(Path(out_dir)):
             return other.train(config, Path(out_dir), resume, progress)
     device = pick_device(config.train.device)
     ranks = distributed.start(device)
-    if ranks.active and device.type == "cuda":
-        device = torch.device("cuda", ranks.local_rank)
-        torch.cuda.set_device(device)
+    device = distributed.rank_device(ranks, device)
     try:
-        with _cleanup_on_failure(Path(out_dir), ranks.main):
+        with cleanup_on_failure(Path(out_dir), ranks.main):
             return _train(config, Path(out_dir), resume, progress and ranks.main, device, ranks,
                           bar_options or {})
     finally:
         distributed.stop(ranks)
 
 
-@contextlib.contextmanager
-def _cleanup_on_failure(out_dir: Path, main: bool = True):
-    """A run that fails before saving any step leaves no directory behind if it made it (its
-    tokenizer and data cache included): a failed command leaves nothing half-made."""
-    made = not out_dir.exists()
-    try:
-        yield
-    except BaseException:
-        if main and made and out_dir.is_dir() and not step_dirs(out_dir) \
-                and not (out_dir / TRAINER_STATE).exists():
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+@dataclass
+class _Run:
+    """A run's working state: what `_setup` builds and the loop's parts share."""
+    config: Config
+    out_dir: Path
+    ranks: distributed.Ranks
+    device: torch.device
+    dataset: Dataset
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    phase1: tst.Superposition  # TST's phase 1: its steps, batches and backward (covers none when off)
+    sharded: bool  # train.parallel = fsdp under torchrun
+    guard: NonFiniteGuard
+    start: int = 0  # the first step to train: a resumed run's checkpoint step
+    resumed: bool = False
+    last_good: str = "none (no step was saved)"  # the newest checkpoint, named when the guard gives up
+    # derived from the above
+    autocast: object = field(init=False)
+    weights: list[float] = field(init=False)  # each head's share of the objective
+    pad_id: int | None = field(init=False)  # labels equal to it are not scored (train.ignore_pad)
+    grad_scale: float = field(init=False)
+    rows: slice = field(init=False)  # this rank's rows of a global micro-batch
+    trainable: list[torch.nn.Parameter] = field(init=False)
+    run_config: dict = field(init=False)  # config.json of every checkpoint
+
+    def __post_init__(self):
+        t, tokenizer = self.config.train, self.dataset.tokenizer
+        self.autocast = autocast_for(self.device, t.dtype)
+        self.weights = self.config.model.head_weights
+        self.run_config = self.config.to_dict()
+        self.rows = self.ranks.rows(t.batch_size)
+        # a tokenizer without a pad token pads with eos, which must stay scored
+        self.pad_id = tokenizer.token_to_id(tokenizer.pad) if t.ignore_pad else None
+        self.grad_scale = distributed.loss_scale(self.ranks, self.sharded, t.grad_accum)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
 
-def resume_point(out_dir: Path, main: bool = True):
-    """--resume: the newest checkpoint that reads back, as `load_latest` gives it (None when the
-    run has none yet), and a line on stderr saying where training continues."""
-    if not out_dir.is_dir():
-        raise MtplabError(f"cannot resume: {out_dir} does not exist")
-    if main:
-        remove_partial_writes(out_dir)
-    checkpoint = load_latest(out_dir)
-    if main:
-        where = (f"resuming from step {checkpoint[0]} ({checkpoint[3]})" if checkpoint is not None
-                 else f"{out_dir} has no checkpoint yet: starting from step 0")
-        tqdm.write(f"mtplab: {where}", file=sys.stderr)  # above any progress bar already shown
-    return checkpoint
-
-
-def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: torch.device,
-           ranks: distributed.Ranks, bar_options: dict) -> TrainResult:
-    t_cfg = config.train
-    distributed.check_batch(ranks, t_cfg.batch_size)
-    seed_everything(t_cfg.seed)
-
-    checkpoint, tokenizer = None, None
-    if resume:
-        checkpoint = resume_point(out_dir, ranks.main)
-        if checkpoint is not None:
-            tokenizer = load_tokenizer(checkpoint[3])
-    if checkpoint is None:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise MtplabError(f"cannot create {out_dir}: {exc.strerror}") from None
-        if not resume and (step_dirs(out_dir) or (out_dir / TRAINER_STATE).exists()):
-            raise MtplabError(f"{out_dir} already holds a training run: pass --resume, "
-                              "or choose another --out")
-        if t_cfg.init_from:  # the base model's tokenizer, so that its weights mean the same ids
-            tokenizer = load_tokenizer(t_cfg.init_from)
-
+def _setup(config: Config, out_dir: Path, resume: bool, device: torch.device, ranks: distributed.Ranks) -> _Run:
+    """Everything before the first step, in an order the random streams depend on: the run
+    directory, data and tokenizer, the model (fresh, from a base model, or resumed), its sharding,
+    the optimizer, and a resumed run's trainer state."""
+    t = config.train
+    distributed.check_batch(ranks, t.batch_size)
+    seed_everything(t.seed)
+    checkpoint, tokenizer = open_run(out_dir, resume, ranks.main, t.init_from)
     tst.check_config(config)
     dataset = build_dataset(config, out_dir, tokenizer)
     resolve_vocab(config, dataset.tokenizer.vocab_size)
     model = Transformer(config.model).to(device)
-    model.set_grad_checkpointing(t_cfg.grad_checkpointing)
-    phase1 = tst.phase1_steps(config)
-    superposed = None  # phase 1's batches: longer windows of the same token stream
-    if phase1:
-        window = tst.window_length(config.data.seq_len, t_cfg.tst_bag, model.n_future)
-        try:
-            superposed = PackedBatches(dataset.train.tokens, window - 1, t_cfg.batch_size, t_cfg.seed)
-        except ValueError as exc:
-            raise MtplabError(f"data: TST phase 1 needs rows of {window} tokens: {exc}") from None
-    if t_cfg.init_from and checkpoint is None:
-        load_base(model, t_cfg.init_from)
-    if t_cfg.freeze_trunk:  # Medusa-1: the base model stays as it is, only the heads learn
+    model.set_grad_checkpointing(t.grad_checkpointing)
+    phase1 = tst.Superposition(config, dataset, model.n_future)
+    if t.init_from and checkpoint is None:
+        load_base(model, t.init_from)
+    if t.freeze_trunk:  # Medusa-1: the base model stays as it is, only the heads learn
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("heads."))
-    sharded = ranks.active and t_cfg.parallel == "fsdp"
-    if sharded and (phase1 or t_cfg.optimizer != "adamw"):
-        raise MtplabError("train.parallel = fsdp supports AdamW without TST for now (Muon/Aurora need "
-                          "whole matrices, TST's phase 1 its own forward): use ddp")
+    sharded = distributed.sharded(ranks, t.parallel, t.optimizer, phase1.steps > 0)
     if checkpoint is not None:
         load_state(model, checkpoint[1], checkpoint[3] / WEIGHTS)
     if sharded:
         distributed.shard(model, ranks, device)
-    optimizer = make_optimizer(model, config)
-    start, guard = 0, NonFiniteGuard(t_cfg.max_nonfinite_steps)
-    last_good = "none (no step was saved)"
+    run = _Run(config, out_dir, ranks, device, dataset, model, make_optimizer(model, config), phase1, sharded,
+               NonFiniteGuard(t.max_nonfinite_steps))
     if checkpoint is not None:
-        start, _, state, directory = checkpoint
-        if sharded:
-            distributed.load_optimizer(model, optimizer, state["optimizer"])
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        dataset.train.load_state_dict(state["data"])
-        if superposed is not None and "tst_data" in state:
-            superposed.load_state_dict(state["tst_data"])
-        restore_rng(state["rng"])
-        guard.skipped = state.get("nonfinite_steps", 0)
-        last_good = str(directory)
+        _restore(run, checkpoint)
     if ranks.main:
-        _truncate_metrics(out_dir / METRICS, start)
+        truncate_metrics(out_dir, run.start)
+    return run
 
-    autocast = autocast_for(device, t_cfg.dtype)
-    weights = config.model.head_weights
-    run_config = config.to_dict()
-    result = TrainResult(model, dataset, out_dir, start, main=ranks.main,
-                         resumed_from=start if checkpoint is not None else None)
-    rows = ranks.rows(t_cfg.batch_size)
-    step_backward = backward_all_heads if sharded else backward_heads
-    # a tokenizer without a pad token pads with eos, which must stay scored
-    pad_id = dataset.tokenizer.token_to_id(dataset.tokenizer.pad) if t_cfg.ignore_pad else None
-    # FSDP averages gradients over ranks; the losses are already shares of the global mean
-    grad_scale = (ranks.world if sharded else 1) / t_cfg.grad_accum
-    trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def save(step: int) -> str:
-        """Rank 0 writes; under FSDP every rank first takes part in gathering the shards."""
-        model_state, optimizer_state = (distributed.full_state(model, optimizer) if sharded
-                                        else (None, optimizer.state_dict()))
-        if not ranks.main:
-            return last_good
-        state = {"step": step, "optimizer": optimizer_state, "rng": rng_state(),
-                 "data": dataset.train.state_dict(), "nonfinite_steps": guard.skipped}
-        if superposed is not None:
-            state["tst_data"] = superposed.state_dict()
-        directory = save_step(out_dir, step, model, dataset.tokenizer, run_config, state,
-                              t_cfg.keep_checkpoints, model_state)
-        plot_losses(out_dir / METRICS, out_dir / LOSS_PLOT)
-        return str(directory)
+def _restore(run: _Run, checkpoint: tuple) -> None:
+    """--resume: the optimizer, both data readers' positions, the random streams and the count of
+    skipped steps, as the checkpoint saved them."""
+    run.start, _, state, directory = checkpoint
+    distributed.restore_optimizer(run.model, run.optimizer, state["optimizer"], run.sharded)
+    run.dataset.train.load_state_dict(state["data"])
+    run.phase1.load_state_dict(state.get("tst_data"))
+    restore_rng(state["rng"])
+    run.guard.skipped = state.get("nonfinite_steps", 0)
+    run.resumed, run.last_good = True, str(directory)
 
-    def evaluate(step: int) -> None:
-        model.eval()
-        with autocast():
-            losses = evaluate_heads(model, dataset.eval.eval_batches(t_cfg.eval_batches))
-        model.train()
-        result.eval_head_losses = losses
-        if ranks.main:
-            _append(out_dir / METRICS, {"step": step, "eval_loss": _weighted(losses, weights),
-                                        "eval_head_losses": losses})
 
-    bar = tqdm(**{"total": t_cfg.steps, "initial": start, "disable": not progress, "unit": "step",
-                  "desc": f"train {model.num_parameters() / 1e6:.2f}M", "dynamic_ncols": True,
+def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: torch.device,
+           ranks: distributed.Ranks, bar_options: dict) -> TrainResult:
+    t = config.train
+    run = _setup(config, out_dir, resume, device, ranks)
+    result = TrainResult(run.model, run.dataset, out_dir, run.start, main=ranks.main,
+                         resumed_from=run.start if run.resumed else None)
+    bar = tqdm(**{"total": t.steps, "initial": run.start, "disable": not progress, "unit": "step",
+                  "desc": f"train {run.model.num_parameters() / 1e6:.2f}M", "dynamic_ncols": True,
                   **bar_options})
-    model.train()
-    t0 = window_t0 = time.perf_counter()
-    window_tokens, side = 0, 0.0  # side: seconds spent evaluating and saving, apart from training
+    run.model.train()
+    clock = _Clock()
     with StopSignals() as signals:
-        for step in range(start, t_cfg.steps):
-            reset = t_cfg.tst_reset_optimizer and phase1 > 0
-            if reset and step == phase1:  # the ablation: phase 2 starts from a fresh optimizer
-                optimizer = make_optimizer(model, config)
-            # a reset also restarts the schedule: phase 2 then warms up and decays on its own
-            offset = phase1 if reset and step >= phase1 else 0
-            mult = lr_multiplier(step - offset, t_cfg.steps - offset, t_cfg.warmup_steps,
-                                 t_cfg.schedule, t_cfg.min_lr_ratio, t_cfg.decay_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = group.get("base_lr", t_cfg.lr) * mult
-            lr = t_cfg.lr * mult
-            head_losses = [0.0] * model.n_future
-            for _ in range(t_cfg.grad_accum):
-                if step < phase1:
-                    raw = superposed.next_windows(rows).to(device, non_blocking=True)
-                    positions = raw.size(0) * config.data.seq_len
-                    counts = distributed.sum_(ranks, torch.tensor([positions] * model.n_future)).tolist()
-                    micro = tst.backward_tst(model, raw, t_cfg.tst_bag, weights, grad_scale, autocast, counts)
-                    window_tokens += (raw.size(1) - model.n_future) * raw.size(0) * ranks.world
-                else:
-                    ids, labels = dataset.train.next(rows)
-                    ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                    labels = mask_pad(labels, pad_id)
-                    counts = distributed.sum_(ranks, label_counts(labels, model.n_future)).tolist()
-                    micro = step_backward(model, ids, labels, weights, grad_scale, autocast, counts,
-                                          t_cfg.label_smoothing)
-                    window_tokens += ids.numel() * ranks.world
-                head_losses = [a + b / t_cfg.grad_accum for a, b in zip(head_losses, micro)]
-            if not sharded:  # FSDP reduces the gradients itself, during backward
-                distributed.sum_gradients(ranks, model)
-            # one all-reduce for the losses and the stop flag, so that every rank decides alike
-            # rank 0's clock decides (the others wait out its evaluations and saves under ddp)
-            time_up = (ranks.main and bool(t_cfg.time_limit)
-                       and time.perf_counter() - t0 - side >= t_cfg.time_limit)
-            shared = distributed.sum_(ranks, torch.tensor(head_losses + [float(bool(signals.received)),
-                                                                         float(time_up)], dtype=torch.float64))
-            head_losses, stop, time_up = shared[:-2].tolist(), bool(shared[-2]), bool(shared[-1])
-            grads = [p.grad for p in trainable if p.grad is not None]
-            if t_cfg.clip > 0:
-                grad_norm = distributed.to_float(torch.nn.utils.clip_grad_norm_(trainable, t_cfg.clip))
-            else:
-                grad_norm = distributed.to_float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        for step in range(run.start, t.steps):
+            if run.phase1.restarts_optimizer(step):
+                run.optimizer = make_optimizer(run.model, config)
+            lr = _set_lr(run, step)
+            head_losses, tokens = _accumulate(run, step)
+            head_losses, stop, time_up = _agree(run, head_losses, signals, clock)
             done = step + 1
-            if guard.check(done, head_losses, grad_norm, last_good):
-                optimizer.step()
-            elif ranks.main:
-                bar.write(f"mtplab: step {done}: non-finite loss or gradient, update skipped "
-                          f"({guard.in_a_row} in a row, {guard.skipped} in all)", file=sys.stderr)
-            optimizer.zero_grad(set_to_none=True)
+            _update(run, done, head_losses, bar)
             result.head_losses, result.step = head_losses, done
             bar.update(1)
-            if ranks.main and (done % t_cfg.log_every == 0 or done == t_cfg.steps):
-                now = time.perf_counter()
-                tok_s = window_tokens / max(now - window_t0, 1e-9)
-                window_t0, window_tokens = now, 0
-                loss = _weighted(head_losses, weights)
-                row = {"step": done, "loss": loss, "head_losses": head_losses, "lr": lr,
-                       "tokens_per_s": tok_s}
-                if step < phase1:  # multi-hot losses over bags: not comparable with next-token CE
-                    row["tst"] = True
-                if guard.skipped:
-                    row["nonfinite_steps"] = guard.skipped
-                _append(out_dir / METRICS, row)
-                bar.set_postfix(loss=f"{loss:.3f}", head0=f"{head_losses[0]:.3f}", tok_s=f"{tok_s:,.0f}")
-            scheduled = done % t_cfg.eval_every == 0 or done == t_cfg.steps or time_up
-            side_t0 = time.perf_counter()
-            if scheduled and (ranks.main or sharded):
-                evaluate(done)
-            if (scheduled or stop) and (ranks.main or sharded):
-                last_good = save(done)
-            side += time.perf_counter() - side_t0
+            clock.tokens += tokens
+            if ranks.main and (done % t.log_every == 0 or done == t.steps):
+                _log(run, done, head_losses, lr, clock.tokens_per_s(), run.phase1.covers(step), bar)
+            scheduled = done % t.eval_every == 0 or done == t.steps or time_up
+            with clock.aside():  # evaluations and saves are not training time
+                if scheduled and (ranks.main or run.sharded):
+                    result.eval_head_losses = _evaluate(run, done)
+                if (scheduled or stop) and (ranks.main or run.sharded):
+                    run.last_good = _save(run, done)
             if time_up and not stop:  # a finished run, only shorter: evaluated and saved above
                 result.time_limited = True
                 break
@@ -360,25 +176,138 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
                 result.stopped_by = signals.name or "a stop signal on another rank"
                 break
     bar.close()
-    if ranks.main and start >= t_cfg.steps and not (out_dir / LOSS_PLOT).exists():
+    if ranks.main and run.start >= t.steps and not (out_dir / LOSS_PLOT).exists():
         plot_losses(out_dir / METRICS, out_dir / LOSS_PLOT)
-    result.nonfinite_steps = guard.skipped
-    result.seconds = time.perf_counter() - t0
-    result.train_seconds = result.seconds - side
+    result.nonfinite_steps = run.guard.skipped
+    result.seconds = time.perf_counter() - clock.t0
+    result.train_seconds = result.seconds - clock.side
     return result
 
 
-def _weighted(losses: list[float], weights: list[float]) -> float:
-    return float(sum(l * w for l, w in zip(losses, weights)))
+class _Clock:
+    """The run's time: since the start, the part spent evaluating and saving (`aside`, which
+    train.time_limit does not count), and the tokens trained on since the last logged step."""
+
+    def __init__(self):
+        self.t0 = self.window_t0 = time.perf_counter()
+        self.side, self.tokens = 0.0, 0
+
+    def training_seconds(self) -> float:
+        return time.perf_counter() - self.t0 - self.side
+
+    @contextlib.contextmanager
+    def aside(self):
+        t0 = time.perf_counter()
+        yield
+        self.side += time.perf_counter() - t0
+
+    def tokens_per_s(self) -> float:
+        """Since the last call (or the start); starts the next window."""
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.window_t0, 1e-9)
+        self.window_t0, self.tokens = now, 0
+        return rate
 
 
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
+def _set_lr(run: _Run, step: int) -> float:
+    """The step's learning rate in every parameter group (each group's own base_lr scaled alike)."""
+    t = run.config.train
+    offset = run.phase1.schedule_offset(step)
+    mult = lr_multiplier(step - offset, t.steps - offset, t.warmup_steps, t.schedule, t.min_lr_ratio,
+                         t.decay_fraction)
+    for group in run.optimizer.param_groups:
+        group["lr"] = group.get("base_lr", t.lr) * mult
+    return t.lr * mult
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint a run resumes from (they will be logged again)."""
-    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    if path.exists() or rows:
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+def _accumulate(run: _Run, step: int) -> tuple[list[float], int]:
+    """The step's train.grad_accum micro-batches back-propagated (a TST batch in phase 1) and the
+    replicas' gradients summed: each head's loss, and the tokens read over all ranks."""
+    t = run.config.train
+    head_losses, tokens = [0.0] * run.model.n_future, 0
+    for _ in range(t.grad_accum):
+        if run.phase1.covers(step):
+            micro, n = run.phase1.micro_step(run.model, run.rows, run.device, run.ranks, run.weights,
+                                             run.grad_scale, run.autocast)
+        else:
+            micro, n = _next_token_step(run)
+        head_losses = [a + b / t.grad_accum for a, b in zip(head_losses, micro)]
+        tokens += n
+    distributed.reduce_gradients(run.ranks, run.model, run.sharded)
+    return head_losses, tokens
+
+
+def _next_token_step(run: _Run) -> tuple[list[float], int]:
+    """One micro-batch of next-token training, back-propagated: each head's loss and the tokens read.
+    Each head's loss is divided by its token count over all ranks (see distributed.py)."""
+    ids, labels = run.dataset.train.next(run.rows)
+    ids, labels = ids.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+    labels = mask_pad(labels, run.pad_id)
+    counts = distributed.sum_(run.ranks, label_counts(labels, run.model.n_future)).tolist()
+    # FSDP's hooks run on the model's own forward: sharded, every head's logits are alive at once
+    backward = backward_all_heads if run.sharded else backward_heads
+    losses = backward(run.model, ids, labels, run.weights, run.grad_scale, run.autocast, counts,
+                      run.config.train.label_smoothing)
+    return losses, ids.numel() * run.ranks.world
+
+
+def _agree(run: _Run, head_losses: list[float], signals: StopSignals, clock: _Clock) -> tuple[list[float], bool, bool]:
+    """The losses summed over ranks, whether to stop (a signal on any rank) and whether time is up:
+    one all-reduce, so that every rank decides alike. Rank 0's clock decides (the others wait out
+    its evaluations and saves under ddp)."""
+    t = run.config.train
+    time_up = run.ranks.main and bool(t.time_limit) and clock.training_seconds() >= t.time_limit
+    shared = distributed.sum_(run.ranks, torch.tensor(head_losses + [float(bool(signals.received)),
+                                                                     float(time_up)], dtype=torch.float64))
+    return shared[:-2].tolist(), bool(shared[-2]), bool(shared[-1])
+
+
+def _update(run: _Run, done: int, head_losses: list[float], bar) -> None:
+    """Clip and take the optimizer step, unless the loss or gradient is not finite: then the update
+    is skipped and counted (the guard stops the run after too many in a row)."""
+    grad_norm = distributed.grad_norm(run.trainable, run.config.train.clip)
+    if run.guard.check(done, head_losses, grad_norm, run.last_good):
+        run.optimizer.step()
+    elif run.ranks.main:
+        bar.write(f"mtplab: step {done}: non-finite loss or gradient, update skipped "
+                  f"({run.guard.in_a_row} in a row, {run.guard.skipped} in all)", file=sys.stderr)
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _log(run: _Run, done: int, head_losses: list[float], lr: float, tok_s: float, superposed: bool, bar) -> None:
+    loss = weighted_loss(head_losses, run.weights)
+    row = {"step": done, "loss": loss, "head_losses": head_losses, "lr": lr, "tokens_per_s": tok_s}
+    if superposed:  # multi-hot losses over bags: not comparable with next-token CE
+        row["tst"] = True
+    if run.guard.skipped:
+        row["nonfinite_steps"] = run.guard.skipped
+    append_metrics(run.out_dir, row)
+    bar.set_postfix(loss=f"{loss:.3f}", head0=f"{head_losses[0]:.3f}", tok_s=f"{tok_s:,.0f}")
+
+
+def _evaluate(run: _Run, step: int) -> list[float]:
+    """Every head's held-out loss, logged (rank 0); under FSDP every rank takes part."""
+    run.model.eval()
+    with run.autocast():
+        losses = evaluate_heads(run.model, run.dataset.eval.eval_batches(run.config.train.eval_batches))
+    run.model.train()
+    if run.ranks.main:
+        append_metrics(run.out_dir, {"step": step, "eval_loss": weighted_loss(losses, run.weights),
+                                     "eval_head_losses": losses})
+    return losses
+
+
+def _save(run: _Run, step: int) -> str:
+    """A checkpoint of the step; returns its directory. Rank 0 writes; under FSDP every rank first
+    takes part in gathering the shards."""
+    model_state, optimizer_state = distributed.states(run.model, run.optimizer, run.sharded)
+    if not run.ranks.main:
+        return run.last_good
+    state = {"step": step, "optimizer": optimizer_state, "rng": rng_state(),
+             "data": run.dataset.train.state_dict(), "nonfinite_steps": run.guard.skipped}
+    if (phase1_data := run.phase1.state_dict()) is not None:
+        state["tst_data"] = phase1_data
+    directory = save_step(run.out_dir, step, run.model, run.dataset.tokenizer, run.run_config, state,
+                          run.config.train.keep_checkpoints, model_state)
+    plot_losses(run.out_dir / METRICS, run.out_dir / LOSS_PLOT)
+    return str(directory)

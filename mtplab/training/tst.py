@@ -26,9 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
+from ..data.batches import PackedBatches
 from ..errors import MtplabError
 from ..models.layers import AttentionMask
 from ..models.transformer import Transformer
+from . import distributed
+from .losses import backward_by_head
 
 
 def phase1_steps(config: Config) -> int:
@@ -77,9 +80,10 @@ def backward_tst(model: Transformer, raw: torch.Tensor, bag: int, weights: list[
                  scale: float = 1.0, autocast=contextlib.nullcontext,
                  counts: list[int] | None = None) -> list[float]:
     """Phase 1's training step on [B, window_length(T, bag, heads)] raw tokens: accumulate gradients
-    of sum_d weights[d] * MCE_d (times `scale`) and return each MCE_d. Same structure as
-    losses.backward_heads: one trunk pass, one head's logits alive at a time. counts[d] divides head
-    d's summed loss (default: B*T; data-parallel ranks pass the global count)."""
+    of sum_d weights[d] * MCE_d (times `scale`) and return each MCE_d. The head-at-a-time backward
+    of next-token training (losses.backward_by_head): one trunk pass, one head's logits alive at a
+    time. counts[d] divides head d's summed loss (default: B*T; data-parallel ranks pass the global
+    count)."""
     n = model.n_future
     length = (raw.size(1) - (n - 1)) // bag - 1
     if length < 1:
@@ -88,31 +92,64 @@ def backward_tst(model: Transformer, raw: torch.Tensor, bag: int, weights: list[
     mask = AttentionMask(0, length, raw.device)
     with autocast():
         h = model.trunk(None, mask, embeds=embed(bags(raw, bag, length)))
-    trunk_out = h.detach().requires_grad_()
+    targets = tst_targets(raw, bag, length, n)
 
     def future(d: int) -> torch.Tensor:  # what sequential depth d reads: the bags d raw tokens on
         return embed(bags(raw, bag, length, d))
 
-    outputs, detached, prev = [], [], trunk_out
-    for d in range(n):
+    def hidden(d: int, trunk: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        return model.heads.hidden(d, trunk, prev, future, model.rotary, mask)
+
+    def loss(d: int, h_d: torch.Tensor) -> torch.Tensor:
         with autocast():
-            out = model.heads.hidden(d, trunk_out, prev, future, model.rotary, mask)
-        leaf = out.detach().requires_grad_()
-        outputs.append(out)
-        detached.append(leaf)
-        prev = leaf
-    targets = tst_targets(raw, bag, length, n)
-    losses = [0.0] * n
-    for d in reversed(range(n)):  # deepest first: its gradient feeds depth d-1
-        with autocast():
-            logits = model.head_logits(d, detached[d])
+            logits = model.head_logits(d, h_d)
         total = multi_hot_loss(logits, targets[d])
-        mean = total / max(targets[d].size(0) * length if counts is None else counts[d], 1)
-        losses[d] = mean.item()
-        (mean * weights[d] * scale).backward()
-        del logits, total, mean
-        if outputs[d] is not detached[d] and detached[d].grad is not None:
-            outputs[d].backward(detached[d].grad)
-    if trunk_out.grad is not None and h.requires_grad:
-        h.backward(trunk_out.grad)
-    return losses
+        return total / max(targets[d].size(0) * length if counts is None else counts[d], 1)
+
+    return backward_by_head(n, h, hidden, loss, weights, scale, autocast)
+
+
+class Superposition:
+    """Phase 1 as the training loop sees it: which steps it covers, its micro-steps (a batch of raw
+    windows from its own reader of the training token stream, and their backward), the optimizer
+    and schedule restart of `train.tst_reset_optimizer`, and its reader's position for checkpoints.
+    With TST off (or a phase 1 of no steps) it covers nothing and holds no reader."""
+
+    def __init__(self, config: Config, dataset, n_heads: int):
+        t = config.train
+        self.steps, self.bag, self.seq_len = phase1_steps(config), t.tst_bag, config.data.seq_len
+        self.reset = t.tst_reset_optimizer and self.steps > 0
+        self.batches = None  # longer windows of the same token stream
+        if self.steps:
+            window = window_length(self.seq_len, self.bag, n_heads)
+            try:
+                self.batches = PackedBatches(dataset.train.tokens, window - 1, t.batch_size, t.seed)
+            except ValueError as exc:
+                raise MtplabError(f"data: TST phase 1 needs rows of {window} tokens: {exc}") from None
+
+    def covers(self, step: int) -> bool:
+        return step < self.steps
+
+    def restarts_optimizer(self, step: int) -> bool:
+        """The ablation: phase 2 starts from a fresh optimizer."""
+        return self.reset and step == self.steps
+
+    def schedule_offset(self, step: int) -> int:
+        """A reset also restarts the schedule: phase 2 then warms up and decays on its own."""
+        return self.steps if self.reset and step >= self.steps else 0
+
+    def micro_step(self, model: Transformer, rows: slice, device: torch.device, ranks: distributed.Ranks,
+                   weights: list[float], scale: float, autocast) -> tuple[list[float], int]:
+        """One phase-1 micro-batch's backward: each head's loss, and the raw tokens it read."""
+        raw = self.batches.next_windows(rows).to(device, non_blocking=True)
+        positions = raw.size(0) * self.seq_len
+        counts = distributed.sum_(ranks, torch.tensor([positions] * model.n_future)).tolist()
+        losses = backward_tst(model, raw, self.bag, weights, scale, autocast, counts)
+        return losses, (raw.size(1) - model.n_future) * raw.size(0) * ranks.world
+
+    def state_dict(self) -> dict | None:
+        return None if self.batches is None else self.batches.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.batches is not None and state is not None:
+            self.batches.load_state_dict(state)

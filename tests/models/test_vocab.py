@@ -27,7 +27,7 @@ from mtplab.monostep.model import Monostep
 from mtplab.models.transformer import Transformer
 from mtplab.tokenizer import Tokenizer
 from mtplab.training.losses import backward_all_heads, backward_heads, evaluate_heads
-from mtplab.training.trainer import resolve_vocab
+from mtplab.training.run import resolve_vocab
 
 CORPUS = ["Ava has 3 apples. Then Ava buys 5 more apples. How many apples does Ava have now?",
           "Ben had 12 pears and gave 4 away. #### 8", "The meaning of life is to live."] * 20
