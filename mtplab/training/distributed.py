@@ -13,6 +13,10 @@ passes per forward, with the unembedding used by every head, which DDP's reducer
 train.parallel = "fsdp" shards parameters, gradients and optimizer state with FSDP2
 (`fully_shard`) for models that do not fit one device; it then takes a plain all-heads backward.
 gloo on CPU, nccl on CUDA. Rank 0 alone writes checkpoints and metrics.
+
+What the training loop asks of a data-parallel run is here: joining it (`start`, `rank_device`),
+whether to shard (`sharded`), the loss scale, summing counts, losses and gradients over ranks,
+the gradient norm, and the whole state a checkpoint saves (`states`, `restore_optimizer`).
 """
 
 from __future__ import annotations

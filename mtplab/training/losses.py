@@ -6,7 +6,8 @@ labels that are IGNORE (prompt, padding) are skipped for every head alike.
 `backward_heads` follows Gloeckle et al.: the trunk runs once; each head runs against a detached copy
 of its input, its [B, T, V] logits are scored and back-propagated at once and freed, and the
 gradients gathered on the detached inputs are finally pushed through the trunk in one backward.
-Peak memory is then one head's logits, whatever the number of heads.
+Peak memory is then one head's logits, whatever the number of heads. `backward_by_head` is that
+skeleton for any per-head objective: next-token cross-entropy here, TST's multi-hot loss (tst.py).
 
 Logits carry -inf at the padded vocabulary ids (see transformer.py); the losses cut those columns
 off first, so that label smoothing spreads its mass over the real tokens only (over a -inf logit
