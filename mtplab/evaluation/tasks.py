@@ -19,7 +19,7 @@ from ..data.pipeline import chat_pairs
 from ..data.qa import load_qa_jsonl
 from ..errors import MtplabError
 from ..models.transformer import Transformer
-from ..training.losses import evaluate_heads
+from .head_loss import evaluate_heads
 from .exact_match import evaluate_answers
 from .perplexity import perplexity
 

@@ -19,7 +19,7 @@ k >= 1); a family produces the hidden states [B, T_k, D] that feed them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -30,12 +30,24 @@ from .kv_cache import KVCache
 from .layers import AttentionMask, Block, Rotary, make_norm
 from .stacked import StackedBlocks
 
-if TYPE_CHECKING:
-    from .transformer import Transformer
-
 # future(k): the embeddings of the inputs k steps ahead of each position, [B, T', D] (T' = T - k for
 # tokens; TST's bags of raw tokens shifted by k cover every position).
 Future = Callable[[int], torch.Tensor]
+
+
+class DraftingModel(Protocol):
+    """What a drafter reads of the model that owns the heads (the Transformer; named by what it
+    offers, since transformer.py builds on this module)."""
+
+    config: ModelConfig
+    device: torch.device
+    wte: nn.Embedding
+    heads: "Heads"
+    rotary: Rotary | None
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def head_logits(self, k: int, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 class Heads(nn.Module):
@@ -92,7 +104,7 @@ class Heads(nn.Module):
     def matmul_parameters(self, prefix: str = "") -> int:
         return sum(p.numel() for name, p in self.named_parameters() if name.startswith(prefix) and p.dim() == 2)
 
-    def drafter(self, model: "Transformer", n_draft: int, max_len: int) -> "SequentialDrafter | None":
+    def drafter(self, model: DraftingModel, n_draft: int, max_len: int) -> "SequentialDrafter | None":
         """A per-row drafter, for a family whose drafts cannot come from the batched forward
         (None: draft from the heads' states at the last accepted position)."""
         return None
@@ -252,7 +264,7 @@ class SequentialDrafter:
     Positions whose token t+k is already accepted are kept (in `history` and the depth's own cache);
     later ones use drafts and are redone at the next step."""
 
-    def __init__(self, model: "Transformer", n_draft: int, max_len: int):
+    def __init__(self, model: DraftingModel, n_draft: int, max_len: int):
         self.model = model
         c = model.config
         self.caches = [KVCache(1, 1, c.kv_heads, max_len, c.head_dim, model.device,

@@ -23,12 +23,13 @@ from ..architectures import architecture_of
 from ..config import Config
 from ..data.pipeline import Dataset, build_dataset
 from ..errors import MtplabError
+from ..evaluation.head_loss import evaluate_heads, mask_pad
 from ..evaluation.plots import plot_losses
 from ..models.checkpoint import WEIGHTS, load_base, load_state, save_step
 from ..models.transformer import Transformer
 from . import distributed, tst
 from .faults import NonFiniteGuard, StopSignals
-from .losses import backward_all_heads, backward_heads, evaluate_heads, label_counts, mask_pad, weighted_loss
+from .losses import backward_all_heads, backward_heads, label_counts, weighted_loss
 from .optimizers import make_optimizer
 from .run import (LOSS_PLOT, METRICS, TrainResult, append_metrics, autocast_for, cleanup_on_failure, open_run,
                   pick_device, resolve_vocab, restore_rng, rng_state, seed_everything, truncate_metrics)

@@ -11,7 +11,7 @@ from mtplab.data.batches import IGNORE
 from mtplab.errors import MtplabError
 from mtplab.evaluation.tasks import _collate, answer_rows, evaluate_task
 from mtplab.models.transformer import Transformer
-from mtplab.training.losses import evaluate_heads
+from mtplab.evaluation.head_loss import evaluate_heads
 
 
 def scored_targets(rows, k):

@@ -26,7 +26,8 @@ from mtplab.monostep.config import MonostepConfig
 from mtplab.monostep.model import Monostep
 from mtplab.models.transformer import Transformer
 from mtplab.tokenizer import Tokenizer
-from mtplab.training.losses import backward_all_heads, backward_heads, evaluate_heads
+from mtplab.evaluation.head_loss import evaluate_heads
+from mtplab.training.losses import backward_all_heads, backward_heads
 from mtplab.training.run import resolve_vocab
 
 CORPUS = ["Ava has 3 apples. Then Ava buys 5 more apples. How many apples does Ava have now?",

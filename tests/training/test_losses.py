@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from mtplab.config import ModelConfig
+from mtplab.evaluation.head_loss import head_loss
 from mtplab.models.transformer import Transformer
-from mtplab.training.losses import backward_heads, head_loss
+from mtplab.training.losses import backward_heads
 
 PEAK_SCRIPT = r"""
 import sys, torch
 from mtplab.config import ModelConfig
+from mtplab.evaluation.head_loss import head_loss
 from mtplab.models.transformer import Transformer
-from mtplab.training.losses import backward_heads, head_loss
+from mtplab.training.losses import backward_heads
 heads, mode = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(0)
 V = 32768
@@ -75,19 +77,3 @@ def test_split_backward_gives_the_same_gradients_as_one_backward(family):
     assert losses == pytest.approx([l.item() for l in per_head], abs=1e-6)
     for name, p in model.named_parameters():
         assert torch.allclose(split[name], p.grad, atol=1e-6), name
-
-
-def test_label_smoothing_and_pad_ignoring_in_head_loss():
-    import torch.nn.functional as F
-
-    from mtplab.data.batches import IGNORE
-    from mtplab.training.losses import head_loss, mask_pad
-    torch.manual_seed(0)
-    logits, labels = torch.randn(2, 6, 11), torch.randint(1, 11, (2, 6))
-    labels[1, 4:] = 0  # pad id 0 at the end of row 1
-    total, count = head_loss(logits, labels, 0, label_smoothing=0.05, pad_id=0)
-    keep = labels != 0
-    expected = F.cross_entropy(logits[keep], labels[keep], label_smoothing=0.05, reduction="sum")
-    assert count == int(keep.sum()) == 10 and torch.allclose(total, expected)
-    assert torch.equal(mask_pad(labels, 0)[1, 4:], torch.full((2,), IGNORE))
-    assert head_loss(logits, labels, 0)[1] == 12  # without pad_id every label counts
