@@ -45,13 +45,13 @@ def synthetic(shape: tuple[int, int]) -> list[tuple[str, torch.Tensor]]:
 def model_gradients() -> list[tuple[str, torch.Tensor]]:
     from mtplab.config import load_config
     from mtplab.models.transformer import Transformer
-    from mtplab.training.losses import backward_heads
+    from mtplab.training.losses import backward_heads, head_weights
 
     config = load_config(RECIPES / "aomts-ablation.toml").model
     config.vocab_size = 2048
     model = Transformer(config).train()
     ids = torch.randint(0, config.vocab_size, (8, config.max_seq_len + 1))
-    backward_heads(model, ids[:, :-1], ids[:, 1:], config.head_weights)
+    backward_heads(model, ids[:, :-1], ids[:, 1:], head_weights(config))
     wanted = ("blocks.1.mlp.", "blocks.1.attn.", "heads.")
     short = lambda name: (name.removesuffix(".weight").replace("heads.modules_.0.block.", "mtp block ")
                           .replace("heads.modules_.0.", "mtp ").replace("blocks.1.", "block 1 "))

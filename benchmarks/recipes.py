@@ -20,7 +20,7 @@ import torch
 from mtplab.config import load_config
 from mtplab.models.summary import summarize
 from mtplab.models.transformer import Transformer
-from mtplab.training.losses import backward_heads
+from mtplab.training.losses import backward_heads, head_weights
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # what each seed's card says (nrm-miniaxion's card gives only its name, "0.9M")
@@ -36,7 +36,7 @@ def train_step_tokens_per_s(config, batch: int, seq: int, steps: int) -> float:
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        backward_heads(model, ids[:, :-1], ids[:, 1:], config.head_weights)
+        backward_heads(model, ids[:, :-1], ids[:, 1:], head_weights(config))
         times.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
     return batch * seq / statistics.median(times[1:])

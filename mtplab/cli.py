@@ -515,7 +515,6 @@ def cmd_info(args) -> None:
     from .config import find_recipe, load_config, model_config_from_dict, parse_override
     from .models.checkpoint import read_config
     from .models.summary import card_parameters, format_summary, summarize
-    from .training.run import resolve_vocab
 
     if Path(args.source).is_dir():
         raw = read_config(args.source)["model"]
@@ -528,8 +527,7 @@ def cmd_info(args) -> None:
         card = None
     else:
         recipe = load_config(args.source, args.overrides)
-        resolve_vocab(recipe, recipe.tokenizer.vocab_size)  # as training sizes it from the tokenizer
-        config = recipe.model
+        config = recipe.model.sized_for(recipe.tokenizer)  # as training sizes it from the tokenizer
         card = find_recipe(args.source).stem  # a seed's recipe: the card's count, explained
     summary = summarize(config)
     if card and (explained := card_parameters(card, summary, config)):
@@ -548,14 +546,13 @@ def cmd_recipes(args) -> None:
 
     from .config import load_config, packaged_recipes, recipe_summary
     from .models.summary import summarize
-    from .training.run import resolve_vocab
 
     rows = []
     for name, path in packaged_recipes().items():
         recipe = load_config(path)
-        resolve_vocab(recipe, recipe.tokenizer.vocab_size)  # as `mtplab info` sizes it
         rows.append({"name": name, "what": recipe_summary(path),
-                     "parameters": summarize(recipe.model)["parameters"],
+                     # sized to the tokenizer as `mtplab info` sizes it
+                     "parameters": summarize(recipe.model.sized_for(recipe.tokenizer))["parameters"],
                      "train": TRAIN_COMMANDS.get(name, f"mtplab train --recipe {name} --out runs/{name}"),
                      "path": str(path)})
     if args.json:

@@ -7,9 +7,9 @@ Unknown keys are errors that list the valid ones, so a typo never silently train
 from __future__ import annotations
 
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 # A try block, not a version test: `mtplab export-hf` copies this file into HF remote code, and
 # transformers' import check skips try blocks but would demand tomli even on Python 3.11+.
@@ -20,6 +20,14 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from .architectures import CAUSAL, names, named
 from .errors import MtplabError
+
+
+class HasVocabSize(Protocol):
+    """What vocabulary sizing reads of a tokenizer: a Tokenizer, or a TokenizerConfig (the size of
+    the BPE a run trains)."""
+
+    @property
+    def vocab_size(self) -> int: ...
 
 
 @dataclass
@@ -130,44 +138,22 @@ class ModelConfig:
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
-    @property
-    def ff_dim(self) -> int:
-        if self.d_ff:
-            return self.d_ff
-        if self.mlp == "swiglu":
-            return 32 * -(-(8 * self.d_model // 3) // 32)
-        return 4 * self.d_model
-
-    def window_for(self, layer: int) -> int:
-        """Trunk layer `layer`'s attention window in positions; 0 means full (and the last is)."""
-        if not self.window_pattern or layer >= self.n_layers - 1:
-            return 0
-        letter = self.window_pattern.upper()[layer % len(self.window_pattern)]
-        return self.window if letter == "S" else 0
-
-    def has_value_embed(self, layer: int) -> bool:
-        return self.value_embeds and layer < self.n_layers and layer % 2 == (self.n_layers - 1) % 2
-
-    @property
-    def loop_groups(self) -> tuple[int, int, int]:
-        """(entry, shared, exit) block counts: the shared group sits in the middle."""
-        unique = self.n_layers - self.loop_layers
-        return unique // 2, self.loop_layers, unique - unique // 2
-
-    @property
-    def plain_blocks(self) -> bool:
-        """Blocks whose parts the stacked inference path knows (affine norms, full projections)."""
-        return self.norm_affine and not self.qk_norm and not self.low_rank
-
-    @property
-    def head_weights(self) -> list[float]:
-        """The weight of each head's loss in the training objective."""
-        if self.loss_weights:
-            return [float(w) for w in self.loss_weights]
-        if self.mtp_lambda > 0 and self.n_future > 1:
-            extra = self.n_future - 1
-            return [1.0] + [self.mtp_lambda / extra] * extra
-        return [1.0 / self.n_future] * self.n_future
+    def sized_for(self, tokenizer: HasVocabSize) -> "ModelConfig":
+        """This config with its vocabulary sized to `tokenizer` (a Tokenizer, or a TokenizerConfig
+        for the BPE a run will train): vocab_size = 0 becomes the tokenizer's size rounded up to
+        vocab_multiple (64, or 1 for Monostep's exact 50262), and vocab_real = 0 the tokenizer's
+        size, the real ids (the rows beyond are padding, never emitted). A set size that cannot
+        hold the tokenizer is an error."""
+        tokens = tokenizer.vocab_size
+        vocab_size = self.vocab_size or self.vocab_multiple * -(-tokens // self.vocab_multiple)
+        if tokens > vocab_size:
+            raise MtplabError(f"tokenizer has {tokens} tokens but model.vocab_size is "
+                              f"{vocab_size}: the vocabulary does not fit the model")
+        vocab_real = self.vocab_real or tokens
+        if not tokens <= vocab_real <= vocab_size:
+            raise MtplabError(f"model.vocab_real is {vocab_real}: it must hold the tokenizer's {tokens} "
+                              f"tokens and fit model.vocab_size ({vocab_size})")
+        return replace(self, vocab_size=vocab_size, vocab_real=vocab_real)
 
 
 @dataclass
@@ -186,7 +172,8 @@ class DataConfig:
     path: str = ""  # jsonl file (question/answer) or text file(s), comma separated
     eval_path: str = ""  # held-out file; empty: split eval_fraction off the training data
     eval_fraction: float = 0.05
-    format: str = "chat"  # chat: loss on the answer only | lm: packed sequences
+    # chat: loss on the answer only | lm: packed sequences | empty: lm for text, chat otherwise
+    format: str = ""
     seq_len: int = 128
     n_train: int = 20000  # synthetic problems to generate
     n_eval: int = 500
@@ -197,10 +184,13 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source not in ("synthetic", "jsonl", "text"):
             raise MtplabError(f"data.source must be synthetic, jsonl or text, got {self.source!r}")
-        if self.format not in ("chat", "lm"):
+        if self.format not in ("", "chat", "lm"):
             raise MtplabError(f"data.format must be chat or lm, got {self.format!r}")
-        if self.source == "text" and self.format == "chat":
-            self.format = "lm"  # plain text has no question/answer turns
+        if self.source == "text" and self.format == "chat":  # plain text has no question/answer turns
+            raise MtplabError("data.format = chat needs question/answer data: set data.format = lm "
+                              "for data.source = text")
+        # the unset format is filled in here, once, so that every reader and config.json see it
+        self.format = self.format or ("lm" if self.source == "text" else "chat")
 
 
 @dataclass

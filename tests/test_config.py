@@ -1,14 +1,15 @@
 import pytest
 
-from mtplab.config import ModelConfig, load_config, parse_override
+from mtplab.config import Config, DataConfig, ModelConfig, load_config, parse_override
 from mtplab.errors import MtplabError
+from mtplab.training.losses import head_weights
 from tests.conftest import TINY
 
 
 def test_recipe_and_overrides():
     cfg = load_config(TINY, ["train.lr=0.01", "model.mtp=sequential", "model.loss_weights=[1, 0.5]"])
     assert cfg.train.lr == 0.01 and cfg.model.mtp == "sequential"
-    assert cfg.model.head_weights == [1.0, 0.5]
+    assert head_weights(cfg.model) == [1.0, 0.5]
     assert cfg.model.n_future == 2  # from the recipe
 
 
@@ -29,8 +30,27 @@ def test_wrong_types_and_values_are_errors():
 
 
 def test_head_weights():
-    assert ModelConfig(n_future=4).head_weights == [0.25] * 4
-    assert ModelConfig(n_future=3, mtp="sequential", mtp_lambda=0.3).head_weights == pytest.approx([1, 0.15, 0.15])
+    assert head_weights(ModelConfig(n_future=4)) == [0.25] * 4
+    assert head_weights(ModelConfig(n_future=3, mtp="sequential", mtp_lambda=0.3)) == pytest.approx([1, 0.15, 0.15])
+    assert head_weights(ModelConfig(n_future=2, loss_weights=[2, 1])) == [2.0, 1.0]
+
+
+def test_an_unset_data_format_follows_the_source():
+    assert DataConfig().format == "chat"
+    assert DataConfig(source="jsonl").format == "chat"
+    assert DataConfig(source="text").format == "lm"
+    assert DataConfig(source="synthetic", format="lm").format == "lm"
+    text = load_config(TINY, ["data.source=text", "data.path=a.txt"])
+    assert text.data.format == "lm"
+    assert Config.from_dict(text.to_dict()) == text  # config.json holds the derived format
+
+
+def test_chat_on_plain_text_is_an_error_that_says_what_to_set():
+    with pytest.raises(MtplabError, match="^data.format = chat needs question/answer data: set data.format = lm "
+                                          "for data.source = text$"):
+        load_config(TINY, ["data.source=text", "data.path=a.txt", "data.format=chat"])
+    with pytest.raises(MtplabError, match="data.format must be chat or lm, got 'packed'"):
+        DataConfig(format="packed")
 
 
 def test_a_recipe_by_name_is_the_packaged_file_and_a_path_wins(tmp_path, monkeypatch):

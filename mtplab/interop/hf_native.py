@@ -48,6 +48,7 @@ from ..architectures import architecture_of
 from ..config import ModelConfig, model_config_from_dict
 from ..errors import MtplabError
 from ..models.heads import family
+from ..models.layout import attention_window, ff_dim
 from ..models.transformer import Transformer
 from ..tokenizer import CHAT_TEMPLATES, Tokenizer
 from ..version import __version__
@@ -71,7 +72,7 @@ def misfits(config: ModelConfig) -> list[tuple[str, str]]:
     """What keeps the trunk from being exactly `target(config)`: (feature in words, with the verb
     that follows it; its setting). Empty when it fits."""
     c, arch, other = config, target(config), architecture_of(config)
-    windowed = any(0 < c.window_for(i) < c.max_seq_len for i in range(c.n_layers))
+    windowed = any(0 < attention_window(c, i) < c.max_seq_len for i in range(c.n_layers))
     found = [
         (other is not None, f"a {other and other.label} model has", f"model.arch={c.arch!r}"),
         (c.value_embeds, "value embeddings (model.value_embeds) have", "model.value_embeds=true"),
@@ -138,7 +139,7 @@ def _fill(name: str) -> float:
 def llama_names(config: ModelConfig) -> list[tuple[str, str, tuple[int, ...]]]:
     """(mtplab name, LlamaForCausalLM name, shape) of every tensor the Llama model holds."""
     c = config
-    d, f, q, kv = c.d_model, c.ff_dim, c.n_heads * c.head_dim, c.kv_heads * c.head_dim
+    d, f, q, kv = c.d_model, ff_dim(c), c.n_heads * c.head_dim, c.kv_heads * c.head_dim
     names = [("wte.weight", "model.embed_tokens.weight", (c.real_vocab_size, d))]
     for i, block in enumerate(native_layers(c)):
         layer = f"model.layers.{i}."
@@ -170,12 +171,12 @@ def native_config(config: ModelConfig, eos_id: int | None = None, pad_id: int | 
               "dtype": dtype, "torch_dtype": dtype}  # the name transformers 5 reads, and 4's
     n = len(native_layers(c))
     if arch == GPT2:
-        return {**common, "n_layer": n, "n_embd": c.d_model, "n_head": c.n_heads, "n_inner": c.ff_dim,
+        return {**common, "n_layer": n, "n_embd": c.d_model, "n_head": c.n_heads, "n_inner": ff_dim(c),
                 "n_positions": c.max_seq_len, "n_ctx": c.max_seq_len, "activation_function": "gelu_new",
                 "layer_norm_epsilon": c.norm_eps, "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
                 "attn_pdrop": c.dropout, "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
-    return {**common, "num_hidden_layers": n, "hidden_size": c.d_model, "intermediate_size": c.ff_dim,
+    return {**common, "num_hidden_layers": n, "hidden_size": c.d_model, "intermediate_size": ff_dim(c),
             "num_attention_heads": c.n_heads, "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
             "hidden_act": "silu", "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
             # rope_theta for transformers 4 and llama.cpp, rope_parameters for transformers 5
@@ -273,7 +274,7 @@ def native_files(model: Transformer, tokenizer: Tokenizer) -> dict[str, Any]:
 def gpt2_weights(c: ModelConfig, part) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel's tensors, the inverse of gpt2.block_weights: Conv1D stores [in, out], the
     transpose of nn.Linear's weight, and c_attn packs q, k and v side by side."""
-    d, f = c.d_model, c.ff_dim
+    d, f = c.d_model, ff_dim(c)
     w = {"transformer.wte.weight": part("wte.weight", (c.real_vocab_size, d)),
          "transformer.wpe.weight": part("wpe.weight", (c.max_seq_len, d))}
     for i, block in enumerate(native_layers(c)):
@@ -380,7 +381,7 @@ def gpt2_native_to_mtplab(config: ModelConfig, src: SourceWeights) -> dict[str, 
          "norm_f.weight": src.take(f"{root}ln_f.weight", (d,)),
          "norm_f.bias": src.take(f"{root}ln_f.bias", (d,))}
     for i, block in enumerate(native_layers(c)):
-        w.update(block_weights(src, f"{root}h.{i}.", block, d, c.ff_dim))
+        w.update(block_weights(src, f"{root}h.{i}.", block, d, ff_dim(c)))
     if not c.tie_embeddings:
         w["lm_head.weight"] = src.take("lm_head.weight", (c.real_vocab_size, d))
     else:

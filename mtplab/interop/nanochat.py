@@ -37,6 +37,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import MtplabError
+from ..models.layout import has_value_embed
 from ..models.transformer import Transformer
 from .sources import (ConvertOptions, Converted, KeyReport, SourceWeights, assemble, config_int,
                       load_tokenizer, read_json, read_weights, tensor_dict, torch_load)
@@ -164,7 +165,7 @@ def nanochat_to_mtplab(tensors: dict[str, torch.Tensor], layout: Layout, arch: A
         smear=smear_shape[1] if smear_shape and len(smear_shape) == 2 else 0,
         backout=src.has(layout.top("backout_lambda")), logit_softcap=SOFTCAP,
         mtp="parallel", n_future=1, head_layers=0)
-    expected_ve = [i for i in range(L) if config.has_value_embed(i)]
+    expected_ve = [i for i in range(L) if has_value_embed(config, i)]
     if ve_layers and ve_layers != expected_ve:
         raise MtplabError(f"{where}: value embeddings on layers {ve_layers}; mtplab places them on "
                           f"{expected_ve} (alternating, the last included)")
@@ -180,7 +181,7 @@ def nanochat_to_mtplab(tensors: dict[str, torch.Tensor], layout: Layout, arch: A
         w[t + "attn.o_proj.weight"] = src.take(b + "attn.c_proj.weight", (d, arch.n_head * hd))
         w[t + "mlp.up_proj.weight"] = src.take(b + "mlp.c_fc.weight", (d_ff, d))
         w[t + "mlp.down_proj.weight"] = src.take(b + "mlp.c_proj.weight", (d, d_ff))
-        if config.has_value_embed(i):
+        if has_value_embed(config, i):
             w[t + "attn.ve_gate.weight"] = src.take(b + "attn.ve_gate.weight", (kv, config.ve_gate_channels))
             w[f"value_embeds.{i}.weight"] = src.take(layout.top(f"value_embeds.{i}.weight"), (vocab, kv * hd))
     if config.layer_lambdas:

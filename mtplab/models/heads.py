@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from .kv_cache import KVCache
 from .layers import AttentionMask, Block, Rotary, make_norm
-from .stacked import StackedBlocks
+from .stacked import StackedBlocks, plain_blocks
 
 # future(k): the embeddings of the inputs k steps ahead of each position, [B, T', D] (T' = T - k for
 # tokens; TST's bags of raw tokens shifted by k cover every position).
@@ -132,7 +132,7 @@ class ParallelHeads(Heads):
             for k in range(config.n_future))
         self.n_layers = config.n_future * per
         self.first_layer = first_layer
-        self.stackable = config.plain_blocks  # StackedBlocks knows only the plain block's parts
+        self.stackable = plain_blocks(config)
         self._stacked: dict[int, list] = {}
 
     def follow_trunk(self, first_layer: int) -> None:

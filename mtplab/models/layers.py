@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .kv_cache import KVCache
+from .layout import ff_dim
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -251,7 +252,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        d, f = config.d_model, config.ff_dim
+        d, f = config.d_model, ff_dim(config)
         self.kind = config.mlp
         if self.kind == "swiglu":
             self.gate_proj = make_linear(d, f, config)

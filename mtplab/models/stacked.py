@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import ModelConfig
 from .kv_cache import KVCache
 from .layers import AttentionMask, Block, Rotary
 
@@ -18,6 +19,12 @@ PARTS = ["attn_norm.weight", "attn_norm.bias", "mlp_norm.weight", "mlp_norm.bias
          "attn.v_proj.weight", "attn.v_proj.bias", "attn.o_proj.weight", "attn.o_proj.bias",
          "mlp.gate_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.weight", "mlp.up_proj.bias",
          "mlp.down_proj.weight", "mlp.down_proj.bias"]
+
+
+def plain_blocks(config: ModelConfig) -> bool:
+    """Whether `config`'s blocks can be stacked: StackedBlocks knows only the plain block's parts
+    (affine norms, no q/k norm, full-rank projections)."""
+    return config.norm_affine and not config.qk_norm and not config.low_rank
 
 
 class StackedBlocks:

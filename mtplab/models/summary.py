@@ -7,6 +7,7 @@ import torch
 
 from ..architectures import architecture_of
 from ..config import ModelConfig
+from .layout import ff_dim, loop_groups
 from .transformer import Transformer
 
 
@@ -37,7 +38,7 @@ def summarize(config: ModelConfig, context: int | None = None) -> dict:
     context = context or config.max_seq_len
     d, n = config.d_model, config.n_future
     attention = 2 * 2 * context * d  # q·k and attn·v per layer, for one query position
-    entry, shared, _ = config.loop_groups
+    entry, shared, _ = loop_groups(config)
     passes = config.n_think_loops  # a shared block costs once per think loop
 
     def block_passes(name: str) -> int:
@@ -88,7 +89,7 @@ def format_summary(summary: dict, config: ModelConfig) -> str:
     b = summary["breakdown"]
     lines = [
         f"decoder: d_model {c.d_model}, {c.n_layers} trunk blocks, {c.n_heads} attention heads "
-        f"({c.kv_heads} key/value), {c.mlp} MLP {c.ff_dim}, {c.norm}, {c.pos} positions, "
+        f"({c.kv_heads} key/value), {c.mlp} MLP {ff_dim(c)}, {c.norm}, {c.pos} positions, "
         f"vocab {c.vocab_size}, {'tied' if c.tie_embeddings else 'untied'} unembedding",
         f"heads: {summary['heads']} {summary['family']} (head k predicts token t+1+k)",
         *_feature_lines(c),
@@ -123,7 +124,7 @@ def _feature_lines(c: ModelConfig) -> list[str]:
         on.append(f"softcap {c.logit_softcap:g}")
     lines = [f"features: {', '.join(on)}"] if on else []
     if c.loop_layers or c.low_rank:
-        entry, shared, exit_ = c.loop_groups
+        entry, shared, exit_ = loop_groups(c)
         lines.append(f"layers: {entry} entry + {shared} shared x {c.n_think_loops} loops + {exit_} exit"
                      + (f", low-rank {c.low_rank} projections" if c.low_rank else ""))
     return lines

@@ -28,6 +28,7 @@ from ..config import ModelConfig
 from .heads import make_heads
 from .kv_cache import KVCache
 from .layers import AttentionMask, Block, Rotary, init_weights, make_norm
+from .layout import attention_window, has_value_embed, loop_groups
 
 def mask_padded_ids(logits: torch.Tensor, real: int) -> torch.Tensor:
     """logits [..., V] with -inf at ids >= real (padded rows). masked_fill and not a large negative
@@ -52,12 +53,12 @@ class Transformer(nn.Module):
         self.rotary = (Rotary(config.head_dim, config.max_seq_len, config.rope_base)
                        if config.pos == "rope" else None)
         n = config.n_layers
-        self.blocks = nn.ModuleList(Block(config, i, config.window_for(i), config.has_value_embed(i))
+        self.blocks = nn.ModuleList(Block(config, i, attention_window(config, i), has_value_embed(config, i))
                                     for i in range(n))
         self.embed_norm = make_norm(config) if config.embed_norm else None
         if config.value_embeds:  # keyed by the layer that reads the table
             self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.kv_heads * config.head_dim)
-                                               for i in range(n) if config.has_value_embed(i)})
+                                               for i in range(n) if has_value_embed(config, i)})
         if config.layer_lambdas:
             self.resid_lambdas = nn.Parameter(torch.ones(n))  # [L] start as the plain residual
             self.x0_lambdas = nn.Parameter(torch.zeros(n))
@@ -99,7 +100,7 @@ class Transformer(nn.Module):
 
     def cache_layers(self, n_loops: int) -> int:
         """Cache layers the trunk uses with `n_loops` think loops (heads' layers follow them)."""
-        entry, shared, exit_ = self.config.loop_groups
+        entry, shared, exit_ = loop_groups(self.config)
         return entry + shared * n_loops + exit_
 
     def _token_embedding(self, ids: torch.Tensor) -> torch.Tensor:
@@ -140,7 +141,7 @@ class Transformer(nn.Module):
         if c.dropout and self.training:
             x = F.dropout(x, c.dropout, True)
         x0, mid = x, None
-        entry, shared, _ = c.loop_groups
+        entry, shared, _ = loop_groups(c)
         n_loops = cache.n_loops if cache is not None else self.n_think_loops
         slot = 0  # cache layer of the next block call
 
@@ -148,7 +149,7 @@ class Transformer(nn.Module):
             nonlocal slot, mid
             if c.layer_lambdas:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](ids) if c.has_value_embed(i) else None
+            ve = self.value_embeds[str(i)](ids) if has_value_embed(c, i) else None
             x = self.blocks[i](x, mask, self.rotary, cache, slot, ve)
             slot += 1
             if c.backout and i == c.n_layers // 2 and mid is None:  # a looped block: its first pass

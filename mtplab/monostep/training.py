@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from ..evaluation.plots import plot_epoch_losses
 from ..models.checkpoint import load_state, load_tokenizer, save_step, step_dirs
 from ..training.faults import NonFiniteGuard, StopSignals
 from ..training.schedules import lr_multiplier
-from ..training.run import (LOSS_PLOT, TrainResult, autocast_for, pick_device, resolve_vocab, restore_rng,
+from ..training.run import (LOSS_PLOT, TrainResult, autocast_for, pick_device, restore_rng,
                             resume_point, rng_state, seed_everything)
 from .bundle import METRICS_JSON, export_bundle, history_json
 from .data import BlockBatches
@@ -42,7 +42,7 @@ def train_monostep(config: Config, out_dir: Path, resume: bool = False, progress
     device = pick_device(t_cfg.device)
     seed_everything(t_cfg.seed)
     checkpoint, tokenizer = _open_run(config, out_dir, resume)
-    tokenizer, empty_id, train_b, eval_b = _block_data(config, tokenizer)
+    config, tokenizer, empty_id, train_b, eval_b = _block_data(config, tokenizer)
     model = Monostep(config.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, betas=(t_cfg.beta1, t_cfg.beta2),
                                   weight_decay=t_cfg.weight_decay)
@@ -129,22 +129,21 @@ def _open_run(config: Config, out_dir: Path, resume: bool):
 
 
 def _block_data(config: Config, tokenizer):
-    """The tokenizer (trained on the examples unless resuming), its `<empty>` id, and the training
-    and held-out block batches; sizes the model's vocabulary and records the `<empty>` id in it."""
+    """The config with the model sized for the tokenizer and its `<empty>` id recorded, the tokenizer
+    (trained on the examples unless resuming), that id, and the training and held-out block batches."""
     train_examples, eval_examples = load_examples(config)
     if tokenizer is None:
         tokenizer = build_tokenizer(config, [f"{ex['question']}\n{ex['answer']}" for ex in train_examples])
     empty_id = tokenizer.token_to_id("<empty>")
     if empty_id is None:
         raise MtplabError("a monostep model needs the <empty> token: add it to tokenizer.special_tokens")
-    config.model.empty_token = empty_id
-    resolve_vocab(config, tokenizer.vocab_size)
+    config = replace(config, model=replace(config.model, empty_token=empty_id).sized_for(tokenizer))
 
     def batches(examples: list[dict]) -> BlockBatches:
         return BlockBatches(chat_pairs(examples, tokenizer), config.model.n_future, config.train.batch_size,
                             tokenizer.pad_id, empty_id, config.model.max_seq_len, config.train.seed)
 
-    return tokenizer, empty_id, batches(train_examples), batches(eval_examples)
+    return config, tokenizer, empty_id, batches(train_examples), batches(eval_examples)
 
 
 def _step(model: Monostep, optimizer: torch.optim.Optimizer, batch, lr: float, clip: float, empty_id: int,

@@ -22,10 +22,23 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ..config import ModelConfig
 from ..data.batches import IGNORE
 from ..evaluation.head_loss import head_loss
 from ..models.layers import AttentionMask
 from ..models.transformer import Transformer
+
+
+def head_weights(config: ModelConfig) -> list[float]:
+    """The weight of each head's loss in the training objective: model.loss_weights; else, with
+    model.mtp_lambda > 0, DeepSeek-V3's 1 for the next-token head and lambda shared by the others;
+    else the mean over the heads."""
+    if config.loss_weights:
+        return [float(w) for w in config.loss_weights]
+    if config.mtp_lambda > 0 and config.n_future > 1:
+        extra = config.n_future - 1
+        return [1.0] + [config.mtp_lambda / extra] * extra
+    return [1.0 / config.n_future] * config.n_future
 
 
 def scored_head_loss(model: Transformer, k: int, h: torch.Tensor, labels: torch.Tensor,

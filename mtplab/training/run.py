@@ -1,5 +1,5 @@
 """What every training loop shares: the device and its autocast, seeding and the RNG state a
-checkpoint carries, the vocabulary sizing, the run directory (a fresh one, or `--resume` from its
+checkpoint carries, the run directory (a fresh one, or `--resume` from its
 newest checkpoint), metrics.jsonl, and `TrainResult`, what a run returns."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config
 from ..data.pipeline import Dataset
 from ..errors import MtplabError
 from ..evaluation.plots import read_metrics
@@ -64,23 +63,6 @@ def autocast_for(device: torch.device, dtype: str):
     if not use_bf16:
         return contextlib.nullcontext
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
-
-
-def resolve_vocab(config: Config, vocab_size: int) -> None:
-    """Size the model's vocabulary from the tokenizer (rounded up to the config's vocab_multiple:
-    64, or 1 for Monostep's exact 50262), or check that it fits; the tokenizer's size is the real
-    vocabulary (the rows beyond it are padding, never emitted)."""
-    m = config.model
-    if m.vocab_size == 0:
-        m.vocab_size = m.vocab_multiple * -(-vocab_size // m.vocab_multiple)
-    elif vocab_size > m.vocab_size:
-        raise MtplabError(f"tokenizer has {vocab_size} tokens but model.vocab_size is "
-                          f"{m.vocab_size}: the vocabulary does not fit the model")
-    if m.vocab_real == 0:
-        m.vocab_real = vocab_size
-    elif not vocab_size <= m.vocab_real <= m.vocab_size:
-        raise MtplabError(f"model.vocab_real is {m.vocab_real}: it must hold the tokenizer's {vocab_size} "
-                          f"tokens and fit model.vocab_size ({m.vocab_size})")
 
 
 # -- random streams: seeded at the start, saved in every checkpoint, restored on --resume -------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,10 +29,10 @@ from ..models.checkpoint import WEIGHTS, load_base, load_state, save_step
 from ..models.transformer import Transformer
 from . import distributed, tst
 from .faults import NonFiniteGuard, StopSignals
-from .losses import backward_all_heads, backward_heads, label_counts, weighted_loss
+from .losses import backward_all_heads, backward_heads, head_weights, label_counts, weighted_loss
 from .optimizers import make_optimizer
 from .run import (LOSS_PLOT, METRICS, TrainResult, append_metrics, autocast_for, cleanup_on_failure, open_run,
-                  pick_device, resolve_vocab, restore_rng, rng_state, seed_everything, truncate_metrics)
+                  pick_device, restore_rng, rng_state, seed_everything, truncate_metrics)
 from .schedules import lr_multiplier
 
 
@@ -85,7 +85,7 @@ class _Run:
     def __post_init__(self):
         t, tokenizer = self.config.train, self.dataset.tokenizer
         self.autocast = autocast_for(self.device, t.dtype)
-        self.weights = self.config.model.head_weights
+        self.weights = head_weights(self.config.model)
         self.run_config = self.config.to_dict()
         self.rows = self.ranks.rows(t.batch_size)
         # a tokenizer without a pad token pads with eos, which must stay scored
@@ -104,7 +104,7 @@ def _setup(config: Config, out_dir: Path, resume: bool, device: torch.device, ra
     checkpoint, tokenizer = open_run(out_dir, resume, ranks.main, t.init_from)
     tst.check_config(config)
     dataset = build_dataset(config, out_dir, tokenizer)
-    resolve_vocab(config, dataset.tokenizer.vocab_size)
+    config = replace(config, model=config.model.sized_for(dataset.tokenizer))
     model = Transformer(config.model).to(device)
     model.set_grad_checkpointing(t.grad_checkpointing)
     phase1 = tst.Superposition(config, dataset, model.n_future)
@@ -153,7 +153,7 @@ def _train(config: Config, out_dir: Path, resume: bool, progress: bool, device: 
     with StopSignals() as signals:
         for step in range(run.start, t.steps):
             if run.phase1.restarts_optimizer(step):
-                run.optimizer = make_optimizer(run.model, config)
+                run.optimizer = make_optimizer(run.model, run.config)
             lr = _set_lr(run, step)
             head_losses, tokens = _accumulate(run, step)
             head_losses, stop, time_up = _agree(run, head_losses, signals, clock)

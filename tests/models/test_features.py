@@ -88,11 +88,6 @@ def test_a_token_outside_the_window_has_no_influence():
     assert not torch.allclose(a[0, 2], b[0, 2])  # within it: changed
 
 
-def test_window_pattern_tiles_and_the_last_layer_is_full():
-    c = ModelConfig(**{**BASE, "n_layers": 6}, window_pattern="SSSL", window=7)
-    assert [c.window_for(i) for i in range(6)] == [7, 7, 7, 0, 7, 0]
-
-
 @pytest.mark.parametrize("bad", [dict(window_pattern="SSXL", window=4), dict(window_pattern="SL"),
                                  dict(loop_layers=9), dict(n_think_loops=0), dict(smear=-1)])
 def test_bad_feature_settings_are_one_line_errors(bad):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mtplab.config import ModelConfig
+from mtplab.models.layout import ff_dim
 from mtplab.models.transformer import Transformer
 from mtplab.training.losses import backward_heads
 
@@ -103,7 +104,7 @@ def test_flops_count_each_vocabulary_projection_once(family):
     heads = s["flops_per_token_all_heads"] - s["flops_per_token_next_token"]
     unembed = 2 * config.d_model * config.vocab_size
     d, attention = config.d_model, 2 * 2 * 16 * config.d_model
-    block = 2 * (4 * d * d + 2 * d * config.ff_dim) + attention
+    block = 2 * (4 * d * d + 2 * d * ff_dim(config)) + attention
     expected = {"parallel": (HEADS - 1) * (block + unembed),
                 "sequential": (HEADS - 1) * (block + 2 * 2 * d * d + unembed),
                 "medusa": (HEADS - 1) * 2 * (d * d + d * V),

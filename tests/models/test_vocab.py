@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from mtplab.config import Config, ModelConfig
+from mtplab.config import ModelConfig, TokenizerConfig
 from mtplab.errors import MtplabError
 from mtplab.evaluation.perplexity import perplexity
 from mtplab.monostep.decoding import generate_blocks
@@ -28,7 +28,6 @@ from mtplab.models.transformer import Transformer
 from mtplab.tokenizer import Tokenizer
 from mtplab.evaluation.head_loss import evaluate_heads
 from mtplab.training.losses import backward_all_heads, backward_heads
-from mtplab.training.run import resolve_vocab
 
 CORPUS = ["Ava has 3 apples. Then Ava buys 5 more apples. How many apples does Ava have now?",
           "Ben had 12 pears and gave 4 away. #### 8", "The meaning of life is to live."] * 20
@@ -177,15 +176,24 @@ def test_a_checkpoint_without_the_field_takes_the_tokenizers_size(tmp_path, toke
 
 
 def test_training_records_the_tokenizers_size_and_refuses_a_smaller_real_vocabulary():
-    config = Config()
-    resolve_vocab(config, 963)
-    assert (config.model.vocab_size, config.model.vocab_real) == (1024, 963)  # the demo's sizes
-    config = Config()
-    config.model.vocab_real = 900
+    unsized = ModelConfig()
+    sized = unsized.sized_for(TokenizerConfig(vocab_size=963))
+    assert (sized.vocab_size, sized.vocab_real) == (1024, 963)  # the demo's sizes
+    assert (unsized.vocab_size, unsized.vocab_real) == (0, 0)  # a new config: the recipe's stays as written
     with pytest.raises(MtplabError, match="model.vocab_real is 900: it must hold the tokenizer's 963"):
-        resolve_vocab(config, 963)
+        ModelConfig(vocab_real=900).sized_for(TokenizerConfig(vocab_size=963))
+    with pytest.raises(MtplabError, match="tokenizer has 963 tokens but model.vocab_size is 512"):
+        ModelConfig(vocab_size=512).sized_for(TokenizerConfig(vocab_size=963))
     with pytest.raises(MtplabError, match=r"model.vocab_real \(65\) must be between 0 and model.vocab_size \(64\)"):
         ModelConfig(vocab_size=64, vocab_real=65)
+
+
+def test_sizing_reads_a_tokenizer_and_keeps_the_architecture(tokenizer):
+    sized = ModelConfig(vocab_size=512).sized_for(tokenizer)
+    assert (sized.vocab_size, sized.vocab_real) == (512, tokenizer.vocab_size)
+    monostep = MonostepConfig(empty_token=1).sized_for(tokenizer)  # Monostep's tables are exact
+    assert type(monostep) is MonostepConfig and monostep.empty_token == 1
+    assert monostep.vocab_size == monostep.vocab_real == tokenizer.vocab_size
 
 
 @pytest.fixture(scope="module")

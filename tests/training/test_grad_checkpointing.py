@@ -6,7 +6,7 @@ import torch
 
 from mtplab.config import ModelConfig
 from mtplab.models.transformer import Transformer
-from mtplab.training.losses import backward_heads
+from mtplab.training.losses import backward_heads, head_weights
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, max_seq_len=32, dropout=0.1)
 SHAPES = {
@@ -24,7 +24,7 @@ def step(config: ModelConfig, checkpointed: bool, ids, labels):
     torch.manual_seed(1)  # the same dropout masks for both runs
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        losses = backward_heads(model, ids, labels, config.head_weights)
+        losses = backward_heads(model, ids, labels, head_weights(config))
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return losses, grads, sum(saved)
 
