@@ -117,7 +117,7 @@ def rows_that_fit(model: Transformer, n_draft: int, budget_bytes: int, most: int
     """Engine rows whose KV cache fits in `budget_bytes` (at least 1, at most `most`): how large a
     batch a server can keep by default without sizing it by hand."""
     c = model.config
-    layers = model.cache_layers(model.n_think_loops) + model.heads.n_layers
+    layers = model.cache_layers(model.n_think_loops) + model.heads.cache_layers
     slots = c.max_seq_len + n_draft
     per_row = 2 * layers * c.kv_heads * slots * c.head_dim * model.wte.weight.element_size() + 8 * slots
     return max(1, min(most, budget_bytes // per_row))
@@ -142,7 +142,7 @@ class Engine:
         self.prefill_chunk, self.reuse_prefix = prefill_chunk, reuse_prefix
         # Heads whose blocks keep cache layers must see every position; the others draft from the
         # trunk's state at one position per row.
-        self.cached_heads = model.heads.n_layers > 0
+        self.cached_heads = model.heads.cache_layers > 0
         self.n_heads = 1 + n_draft if self.cached_heads else 1
         # drafted positions past a row's end are written too (and dropped): room for them
         extra = max(n_draft, tree.size if tree is not None else 0)

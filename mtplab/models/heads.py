@@ -51,9 +51,9 @@ class DraftingModel(Protocol):
 
 
 class Heads(nn.Module):
-    """The interface. Subclasses set `n_layers` and implement `hidden` and `flops_per_token`."""
+    """The interface. Subclasses set `cache_layers` and implement `hidden` and `flops_per_token`."""
 
-    n_layers = 0  # KV-cache layers the heads' blocks use, after the trunk's
+    cache_layers = 0  # KV-cache layers the heads' blocks use, after the trunk's
     reads_ahead = False  # head k at position t reads the inputs up to t + k (its state covers T - k)
 
     def follow_trunk(self, first_layer: int) -> None:
@@ -130,7 +130,7 @@ class ParallelHeads(Heads):
         self.heads = nn.ModuleList(
             nn.ModuleList(Block(config, first_layer + k * per + j) for j in range(per))
             for k in range(config.n_future))
-        self.n_layers = config.n_future * per
+        self.cache_layers = config.n_future * per
         self.first_layer = first_layer
         self.stackable = plain_blocks(config)
         self._stacked: dict[int, list] = {}
@@ -208,7 +208,7 @@ class SequentialHeads(Heads):
         super().__init__()
         # Each module keeps its own cache group, so its blocks are layer 0 of that group.
         self.modules_ = nn.ModuleList(SequentialModule(config, 0) for _ in range(config.n_future - 1))
-        self.n_layers = 0  # none of these blocks live in the trunk's cache
+        self.cache_layers = 0  # none of these blocks live in the trunk's cache
 
     def check(self, n_heads, cached, padded):
         if n_heads < 2:

@@ -75,7 +75,7 @@ class KVCache:
             self.ids[row, start:start + n] = self.ids[row, src]
         self.lengths[row] = start + n
 
-    def _slots(self, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _write_indices(self, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Row and slot indices [B, T] of a ragged write of t positions (None: one slice does)."""
         end = max(self.lengths) + t
         if end > self.max_len:
@@ -94,7 +94,7 @@ class KVCache:
         """Store k, v [B, Hkv, T, hd] at each row's length; return every row's keys/values up to
         the longest row's end ([B, Hkv, S, hd]; the mask hides what a row does not own)."""
         t = k.size(2)
-        where = self._slots(t)
+        where = self._write_indices(t)
         end = max(self.lengths) + t
         if where is None:
             start = self.lengths[0]
@@ -109,7 +109,7 @@ class KVCache:
     def update_layers(self, first: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`update` for n consecutive layers at once: k, v [n, B, Hkv, T, hd] -> [n, B, Hkv, S, hd]."""
         n, t = k.size(0), k.size(3)
-        where = self._slots(t)
+        where = self._write_indices(t)
         end = max(self.lengths) + t
         layers = slice(first, first + n)
         if where is None:
@@ -125,7 +125,7 @@ class KVCache:
 
     def store_ids(self, ids: torch.Tensor) -> None:
         """Remember the token ids [B, T] at each row's length (for smear)."""
-        where = self._slots(ids.size(1))
+        where = self._write_indices(ids.size(1))
         if where is None:
             start = self.lengths[0]
             self.ids[:, start:start + ids.size(1)] = ids

@@ -97,7 +97,7 @@ class AttentionMask:
             queries = torch.arange(start, start + length, device=device)
             self.mask = keys[None, :] <= queries[:, None]  # [T, S]
         self._windowed: dict[int, torch.Tensor] = {}  # every layer with one window shares a mask
-        self._slots = None  # ragged: [B, T] the cache slot of every query
+        self._query_cache_index = None  # ragged: [B, T] the cache slot each query's own key goes to
         self._rotary: tuple = (None,)  # (dtype, cos, sin) for per-row positions, shared by every layer
 
     @classmethod
@@ -113,22 +113,23 @@ class AttentionMask:
         self.start, self.length, self.device, self.is_causal = None, length, device, False
         self._windowed, self._rotary, self.parents = {}, (None,), parents
         s = max(starts) + length
-        self._slots = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
+        query_index = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
+        self._query_cache_index = query_index
         keys = torch.arange(s, device=device)
-        allowed = keys[None, None, :] <= self._slots[:, :, None]  # [B, T, S] causal per row
+        allowed = keys[None, None, :] <= query_index[:, :, None]  # [B, T, S] causal per row
         if parents is not None:
             within = tree_ancestors(parents)  # [B, T, T]
-            allowed.scatter_(2, self._slots[:, None, :].expand(-1, length, -1), within)
-            positions = self._slots[:, :1] + within.sum(-1) - 1  # the end plus the depth
+            allowed.scatter_(2, query_index[:, None, :].expand(-1, length, -1), within)
+            positions = query_index[:, :1] + within.sum(-1) - 1  # the end plus the depth
         if key_mask is not None:
             key_mask = key_mask[:, :s].bool()
             # a padding query still sees itself: a row with no key at all would be NaN, and NaN
             # values poison the real queries that give them weight 0
-            allowed &= key_mask[:, None, :] | (keys[None, None, :] == self._slots[:, :, None])
+            allowed &= key_mask[:, None, :] | (keys[None, None, :] == query_index[:, :, None])
             if positions is None:
                 before = key_mask.long().cumsum(-1) - 1  # real slots before each one, minus one
-                positions = before.gather(1, self._slots).clamp_min(0)
-        self.positions = positions if positions is not None else self._slots
+                positions = before.gather(1, query_index).clamp_min(0)
+        self.positions = positions if positions is not None else query_index
         self.mask = allowed.unsqueeze(1)
         return self
 
@@ -137,26 +138,26 @@ class AttentionMask:
         out = AttentionMask.__new__(AttentionMask)
         out.start, out.length, out.device, out.is_causal = None, 1, self.device, False
         out._windowed, out._rotary = {}, (None,)
-        if self._slots is None:  # plain: every row starts at `start`
-            out._slots = self.start + keep[:, None]  # [B, 1]
+        if self._query_cache_index is None:  # plain: every row starts at `start`
+            query_index = self.start + keep[:, None]  # [B, 1]
             keys = torch.arange(self.start + self.length, device=self.device)
-            out.mask = (keys[None, None, :] <= out._slots[:, :, None]).unsqueeze(1)  # [B, 1, 1, S]
-            out.positions = out._slots
+            out.mask = (keys[None, None, :] <= query_index[:, :, None]).unsqueeze(1)  # [B, 1, 1, S]
+            out._query_cache_index = out.positions = query_index
         else:
-            out._slots = self._slots.gather(1, keep[:, None])
+            out._query_cache_index = self._query_cache_index.gather(1, keep[:, None])
             out.mask = self.mask.gather(2, keep[:, None, None, None].expand(-1, 1, 1, self.mask.size(-1)))
             out.positions = self.positions.gather(1, keep[:, None])
         return out
 
     def for_window(self, window: int) -> tuple[torch.Tensor | None, bool]:
         """(attn_mask, is_causal) for a layer with this window (0: full)."""
-        if self._slots is not None:
+        if self._query_cache_index is not None:
             if not window or self.mask.size(-1) <= window:
                 return self.mask, False
             if window not in self._windowed:
                 keys = torch.arange(self.mask.size(-1), device=self.device)
                 # slots back (= positions back); a tree node's own position is its depth's
-                query = self._slots if self.parents is None else self.positions
+                query = self._query_cache_index if self.parents is None else self.positions
                 back = query[:, None, :, None] - keys  # [B, 1, T, S]
                 self._windowed[window] = self.mask & (back < window)
             return self._windowed[window], False

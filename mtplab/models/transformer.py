@@ -211,7 +211,7 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """A cache laid out for the current `n_think_loops` (it keeps that count while in use)."""
         c = self.config
-        return self.cache_class(self.cache_layers(self.n_think_loops) + self.heads.n_layers, batch,
+        return self.cache_class(self.cache_layers(self.n_think_loops) + self.heads.cache_layers, batch,
                                 c.kv_heads, max_len or c.max_seq_len, c.head_dim, device=self.device,
                                 dtype=dtype or self.wte.weight.dtype, n_loops=self.n_think_loops)
 
@@ -243,7 +243,7 @@ class Transformer(nn.Module):
                      mask: AttentionMask | None = None, cache: KVCache | None = None,
                      outputs_at: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Heads 0..n_heads-1's hidden states from the trunk's h [B, T, D]. Heads that keep nothing
-        in the cache (`heads.n_layers == 0`) and have no drafter need neither mask nor ids: the
+        in the cache (`heads.cache_layers == 0`) and have no drafter need neither mask nor ids: the
         engine drafts with them from one position per row."""
         batched = self.stack_heads and not torch.is_grad_enabled()
         return self.heads.hidden_all(n_heads, h, self._future(ids), self.rotary, mask, cache, batched,

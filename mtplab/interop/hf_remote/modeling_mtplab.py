@@ -150,7 +150,7 @@ class MtplabForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is None and use_cache:
             cache = self.model.new_cache(batch=input_ids.size(0))
             cache.n_heads = n_heads
-        if cache is not None and heads.n_layers:  # heads with blocks in the cache
+        if cache is not None and heads.cache_layers:  # heads with blocks in the cache
             followed = getattr(cache, "n_heads", 1)
             if n_heads > followed:
                 raise ValueError("this cache follows head 0 only: start it with output_mtp_logits=True "
