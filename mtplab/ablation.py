@@ -1,10 +1,10 @@
-"""`mtplab ablate`: seed 002's nine-run table (TST x MTP depth, optimizer reset, cosine) on your data.
+"""`mtplab ablate`: AOMTS's nine-run table (TST x MTP depth, optimizer reset, cosine) on your data.
 
 Every row is the recipe plus a few overrides, trained for the same number of steps into an ordinary
 run directory `DIR/<row>/`; a finished row is skipped and an unfinished one resumed, so re-running the
 command after an interruption continues where it stopped. All rows share one BPE trained once on the
 training corpus (DIR/tokenizer.json), so their validation cross-entropies are in the same units.
-The score is the main head's held-out next-token CE in nats at the last step, as on the seed's card.
+The score is the main head's held-out next-token CE in nats at the last step, as on AOMTS's cards.
 """
 
 from __future__ import annotations
@@ -33,24 +33,24 @@ class Row:
     schedule: str = "wsd"
     reset: bool = False
     seed_offset: int = 0  # a second seed of the same configuration
-    seed_loss: float | None = None  # seed 002's validation loss, for reference
-    seed_model: str = ""
+    aomts_loss: float | None = None  # the AOMTS card's validation loss, for reference
+    aomts_model: str = ""  # that card's model name
 
 
 ROWS = [
-    Row("tst-1mtp", 1, True, seed_loss=2.204673, seed_model="AOMTS-TST-s6-100M-3k-1MTP-v1"),
-    Row("tst-0mtp", 0, True, seed_model="AOMTS-TST-s6-100M-3k-0MTP-v1"),  # the card gives no value
-    Row("tst-2mtp", 2, True, seed_loss=2.214605, seed_model="AOMTS-TST-s6-100M-3k-2MTP-v1"),
-    Row("base-1mtp", 1, False, seed_loss=2.276289, seed_model="AOMTS-Base-100M-3k-1MTP-v1"),
-    Row("base-2mtp", 2, False, seed_loss=2.284260, seed_model="AOMTS-Base-100M-3k-2MTP-v1"),
-    Row("base-0mtp", 0, False, seed_loss=2.287432, seed_model="AOMTS-Base-100M-3k-0MTP-v1-run2"),
-    Row("tst-0mtp-reset", 0, True, reset=True, seed_loss=2.302689,
-        seed_model="AOMTS-TST-s6-100M-3k-0MTP-RESET-v1"),
-    Row("base-1mtp-cosine", 1, False, schedule="cosine", seed_loss=2.354897,
-        seed_model="AOMTS-Base-100M-3k-1MTP-Cosine-v1"),
+    Row("tst-1mtp", 1, True, aomts_loss=2.204673, aomts_model="AOMTS-TST-s6-100M-3k-1MTP-v1"),
+    Row("tst-0mtp", 0, True, aomts_model="AOMTS-TST-s6-100M-3k-0MTP-v1"),  # the card gives no value
+    Row("tst-2mtp", 2, True, aomts_loss=2.214605, aomts_model="AOMTS-TST-s6-100M-3k-2MTP-v1"),
+    Row("base-1mtp", 1, False, aomts_loss=2.276289, aomts_model="AOMTS-Base-100M-3k-1MTP-v1"),
+    Row("base-2mtp", 2, False, aomts_loss=2.284260, aomts_model="AOMTS-Base-100M-3k-2MTP-v1"),
+    Row("base-0mtp", 0, False, aomts_loss=2.287432, aomts_model="AOMTS-Base-100M-3k-0MTP-v1-run2"),
+    Row("tst-0mtp-reset", 0, True, reset=True, aomts_loss=2.302689,
+        aomts_model="AOMTS-TST-s6-100M-3k-0MTP-RESET-v1"),
+    Row("base-1mtp-cosine", 1, False, schedule="cosine", aomts_loss=2.354897,
+        aomts_model="AOMTS-Base-100M-3k-1MTP-Cosine-v1"),
     # The card's first base run; the same setting as base-0mtp, so the pair measures run-to-run noise.
-    Row("base-0mtp-seed2", 0, False, seed_offset=1, seed_loss=2.375539,
-        seed_model="AOMTS-Base-100M-3k-0MTP-v1"),
+    Row("base-0mtp-seed2", 0, False, seed_offset=1, aomts_loss=2.375539,
+        aomts_model="AOMTS-Base-100M-3k-0MTP-v1"),
 ]
 ROW_NAMES = [r.name for r in ROWS]
 
@@ -59,7 +59,7 @@ TST_PAIRS = [("tst-0mtp", "base-0mtp"), ("tst-1mtp", "base-1mtp"), ("tst-2mtp", 
 NOISE_PAIR = ("base-0mtp", "base-0mtp-seed2")
 GAP_FRACTIONS = (0.4, 2 / 3, 1.0)  # where along training the TST - base gaps are read (600/1000/1500 of 1500)
 
-# Seed 002's comparisons: (a, b) means the seed found a lower loss for a than for b.
+# AOMTS's comparisons: (a, b) means its cards give a lower loss for a than for b.
 ORDERINGS = [
     ("tst-1mtp", "base-0mtp", "TST + 1 head beats the plain baseline"),
     ("tst-1mtp", "tst-2mtp", "with TST, 1 head beats 2"),
@@ -81,7 +81,7 @@ def row_config(base: Config, row: Row, steps: int | None, tokenizer: Path) -> Co
         t.warmup_steps = min(t.warmup_steps, max(0, steps // 10))
         t.eval_every = min(t.eval_every, steps)
     config.model.n_future = row.mtp_depth + 1
-    bag = t.tst_bag or 6  # the recipe may set the bag size; the seed's is 6
+    bag = t.tst_bag or 6  # the recipe may set the bag size; AOMTS's is 6
     t.tst_bag = bag if row.tst else 0
     t.tst_reset_optimizer = row.reset
     t.schedule = row.schedule
@@ -245,7 +245,7 @@ def _run_rows(recipe, out_dir: Path, base: Config, selected: list[Row], steps: i
         results.append({"row": row.name, "mtp_depth": row.mtp_depth, "tst": row.tst,
                         "tst_bag": config.train.tst_bag, "schedule": row.schedule, "reset": row.reset,
                         "seed": config.train.seed, "steps": config.train.steps, "val_loss": loss,
-                        "seed_002_loss": row.seed_loss, "seed_002_model": row.seed_model,
+                        "seed_002_loss": row.aomts_loss, "seed_002_model": row.aomts_model,
                         "seconds": round(seconds, 1), "status": status, "curve": curve,
                         "run_dir": str(run_dir)})
     bar.close()
@@ -302,23 +302,23 @@ def tst_gaps(results: list[dict]) -> dict:
 def format_table(report: dict) -> str:
     lines = [f"# Ablation: {report['recipe']} on {report['data']}, {report['steps']} steps per row",
              "",
-             "Main head's held-out next-token cross-entropy (nats), lower is better; sorted like seed "
-             "002's table. The seed's numbers (100M parameters, 3,000 steps, Wikipedia) are beside "
+             "Main head's held-out next-token cross-entropy (nats), lower is better; sorted like "
+             "AOMTS's table. Its numbers (100M parameters, 3,000 steps, Wikipedia) are beside "
              "for reference, not for direct comparison.",
              "",
-             "| row | MTP depth | TST | schedule | optim reset | val CE (nats) | seed 002 |",
+             "| row | MTP depth | TST | schedule | optim reset | val CE (nats) | AOMTS |",
              "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         tst = f"yes (s={r['tst_bag']})" if r["tst"] else "no"
         loss = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "—"
-        seed = f"{r['seed_002_loss']:.4f}" if r["seed_002_loss"] is not None else "—"
+        aomts = f"{r['seed_002_loss']:.4f}" if r["seed_002_loss"] is not None else "—"
         lines.append(f"| {r['row']} | {r['mtp_depth']} | {tst} | {r['schedule'].upper()} | "
-                     f"{'yes' if r['reset'] else ''} | {loss} | {seed} |")
+                     f"{'yes' if r['reset'] else ''} | {loss} | {aomts} |")
     if report.get("noise") is not None:
         lines += ["", f"Run-to-run noise ({' vs '.join(NOISE_PAIR)}, the same setting, two seeds): "
                       f"{report['noise']:.4f} nats."]
     if report["orderings"]:
-        lines += ["", "Seed 002's orderings at this scale:", ""]
+        lines += ["", "AOMTS's orderings at this scale:", ""]
         for o in report["orderings"]:
             mark = "reproduced" if o["reproduced"] else "not reproduced"
             within = " (within the noise)" if o.get("within_noise") else ""

@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="the packaged recipes: what each reproduces, parameters, how to train it")
     p.add_argument("--json", action="store_true", help="print one JSON list")
 
-    p = sub.add_parser("ablate", help="seed 002's nine-run table: TST x MTP heads, reset, cosine")
+    p = sub.add_parser("ablate", help="AOMTS's nine-run table: TST x MTP heads, reset, cosine")
     p.add_argument("recipe", help="a TOML file or a packaged recipe's name, e.g. aomts-ablation")
     p.add_argument("--out", required=True, help="directory: one run per row, ablation.md/.json, plot")
     p.add_argument("--steps", type=int, default=None, help="steps per row (default: the recipe's)")
@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="the checkpoint directory (or file) to read")
     p.add_argument("--out", required=True, help="mtplab checkpoint directory to write")
     p.add_argument("--heads", type=int, default=None,
-                   help="gpt2: parallel heads (1 keeps GPT-2; seed 001: 4 = trunk 0-8, heads 9,10,11,11)")
+                   help="gpt2: parallel heads (1 keeps GPT-2; the MTP GPT-2: 4 = trunk 0-8, "
+                        "heads 9,10,11,11)")
     p.add_argument("--head-blocks", default=None, metavar="B,B,...",
                    help="gpt2: the source block each head starts from, e.g. 9,10,11,11")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gelu-d12, nanochat: RoPE base (default: the config's, else 100000)")
     p.add_argument("--step", type=int, default=None, help="nanochat: model_<step>.pt (default: highest)")
 
-    p = sub.add_parser("export", help="write a checkpoint in a seed's own format (monostep: seed 000's bundle)")
+    p = sub.add_parser("export", help="write a checkpoint in a published model's own format "
+                                      "(monostep: Monostep's bundle)")
     p.add_argument("format", choices=[a.name for a in registered() if a.export])
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="the file to write, e.g. monostep_bundle.pt")
@@ -528,7 +530,7 @@ def cmd_info(args) -> None:
     else:
         recipe = load_config(args.source, args.overrides)
         config = recipe.model.sized_for(recipe.tokenizer)  # as training sizes it from the tokenizer
-        card = find_recipe(args.source).stem  # a seed's recipe: the card's count, explained
+        card = find_recipe(args.source).stem  # a recipe with a card: the card's count, explained
     summary = summarize(config)
     if card and (explained := card_parameters(card, summary, config)):
         summary["card"] = explained

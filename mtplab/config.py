@@ -63,7 +63,7 @@ class ModelConfig:
     head_layers: int = 1  # blocks in each parallel head (sequential modules have one)
     loss_weights: list[float] = field(default_factory=list)  # one per head; empty: see mtp_lambda
     mtp_lambda: float = 0.0  # >0: DeepSeek weights [1, lambda/D, ...]; 0 with no loss_weights: mean
-    # nanochat features (seed 004); the defaults are off, i.e. the plain pre-norm trunk.
+    # nanochat's trunk features; the defaults are off, i.e. the plain pre-norm trunk.
     norm_affine: bool = True  # false: parameterless norms (no learnable gain)
     embed_norm: bool = False  # normalise the token embedding before the first block
     qk_norm: bool = False  # RMS-normalise q and k after RoPE, then scale each by qk_scale
@@ -76,8 +76,8 @@ class ModelConfig:
     smear: int = 0  # >0: a gate on the first `smear` dims mixes in the previous token's embedding
     backout: bool = False  # subtract backout_lambda * (stream at layer n_layers//2) at the end
     logit_softcap: float = 0.0  # >0: logits c*tanh(z/c)
-    # Looped layers (seed 003): n_layers unique blocks = entry + loop_layers shared + exit, the
-    # shared group runs n_think_loops times (changeable at inference, no new parameters).
+    # Looped layers (the Nano Reasoning Model's): n_layers unique blocks = entry + loop_layers shared
+    # + exit, the shared group runs n_think_loops times (changeable at inference, no new parameters).
     loop_layers: int = 0
     n_think_loops: int = 1
     low_rank: int = 0  # >0: every attention/MLP projection is factored as (out x r)(r x in)
@@ -231,8 +231,8 @@ class TrainConfig:
     tst_bag: int = 0  # 0: off; s >= 2 tokens averaged into each position during phase 1
     tst_fraction: float = 0.3
     tst_reset_optimizer: bool = False  # ablation: fresh optimizer state and LR schedule in phase 2
-    label_smoothing: float = 0.0  # training loss only (seed 003: 0.05); eval losses stay plain CE
-    ignore_pad: bool = False  # labels equal to the tokenizer's pad id are not scored (seed 003)
+    label_smoothing: float = 0.0  # training loss only (the NRM: 0.05); eval losses stay plain CE
+    ignore_pad: bool = False  # labels equal to the tokenizer's pad id are not scored (as in the NRM)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):

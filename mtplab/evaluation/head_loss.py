@@ -14,7 +14,8 @@ from ..models.transformer import Transformer
 
 
 def mask_pad(labels: torch.Tensor, pad_id: int | None) -> torch.Tensor:
-    """Labels with every pad token turned into IGNORE (the looped NRM's pad-ignoring loss), so that a
+    """Labels with every pad token turned into IGNORE (the Nano Reasoning Model's pad-ignoring
+    loss), so that a
     padded label is neither scored nor counted."""
     return labels if pad_id is None else labels.masked_fill(labels == pad_id, IGNORE)
 
@@ -22,7 +23,7 @@ def mask_pad(labels: torch.Tensor, pad_id: int | None) -> torch.Tensor:
 def head_loss(logits: torch.Tensor, labels: torch.Tensor, k: int, label_smoothing: float = 0.0,
               pad_id: int | None = None, vocab: int | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of head k ([B, T_k, V] logits) and the number of scored tokens.
-    label_smoothing: the target puts that much mass uniformly over the vocabulary (the looped NRM: 0.05);
+    label_smoothing: the target puts that much mass uniformly over the vocabulary (the NRM: 0.05);
     pad_id: labels equal to it are skipped like IGNORE; vocab: the real vocabulary size (the
     columns beyond it are padding, cut off)."""
     targets = mask_pad(labels, pad_id)[:, k:k + logits.size(1)]

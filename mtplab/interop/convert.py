@@ -33,9 +33,9 @@ class Format:
 
 FORMATS: dict[str, Format] = {
     "gpt2": Format(convert_gpt2, frozenset({"heads", "head_blocks", "tokenizer", "eos"}),
-                   "HF GPT-2 directory -> seed 001's trunk + parallel heads"),
+                   "HF GPT-2 directory -> the MTP GPT-2's trunk + parallel heads"),
     "gelu-d12": Format(convert_gelu_d12, frozenset({"tokenizer", "eos", "rope_base"}),
-                       "GELU_GPT (seed 004) .pt or HF directory -> nanochat-feature trunk"),
+                       "GELU_GPT (gelu-d12) .pt or HF directory -> nanochat-feature trunk"),
     "nanochat": Format(convert_nanochat, frozenset({"tokenizer", "eos", "rope_base", "step"}),
                        "nanochat model_<step>.pt + meta_<step>.json -> nanochat-feature trunk"),
     "hf": Format(convert_hf, frozenset({"tokenizer", "eos"}),

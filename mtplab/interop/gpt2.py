@@ -1,8 +1,9 @@
-"""GPT-2 in Hugging Face's layout -> seed 001's MultiTokenGPT2 as an mtplab model.
+"""GPT-2 in Hugging Face's layout -> the MTP GPT-2 (MultiTokenGPT2) as an mtplab model.
 
-Seed 001 splits GPT-2 124M into a shared trunk (embeddings + blocks 0-8) and four parallel heads,
-full GPT-2 blocks initialised from blocks 9, 10, 11 and 11 again, all reading the trunk output and
-sharing the final LayerNorm and the unembedding tied to wte. In general, for L blocks and N heads:
+The MTP GPT-2 splits GPT-2 124M into a shared trunk (embeddings + blocks 0-8) and four parallel
+heads, full GPT-2 blocks initialised from blocks 9, 10, 11 and 11 again, all reading the trunk
+output and sharing the final LayerNorm and the unembedding tied to wte. In general, for L blocks
+and N heads:
 
     trunk  = blocks 0 .. T-1, with T = L - max(N-1, 1)
     head k = a copy of block min(T + k, L-1)
@@ -48,7 +49,7 @@ def split_blocks(n_layer: int, heads: int | None, head_blocks: list[int] | None)
             raise MtplabError("--head-blocks: block 0 cannot start a head, the trunk needs it")
         return trunk, list(head_blocks)
     if heads is None:
-        raise MtplabError("gpt2: pass --heads N (1 keeps GPT-2 as it is; seed 001 uses 4)")
+        raise MtplabError("gpt2: pass --heads N (1 keeps GPT-2 as it is; the MTP GPT-2 uses 4)")
     if not 1 <= heads <= n_layer:
         raise MtplabError(f"--heads must be between 1 and {n_layer} (the source's blocks), got {heads}")
     trunk = n_layer - max(heads - 1, 1)

@@ -1,6 +1,6 @@
 """nanochat-family checkpoints -> mtplab's trunk with the nanochat features switched on.
 
-Two layouts of the same network (seed 004):
+Two layouts of the same network (the GELU d12 nanochat GPT's):
 - GELU_GPT, the public PyTorch port behind gelu-d12: `wte.weight`, `blocks.{i}.attn.{c_q,c_k,c_v,
   c_proj,ve_gate}.weight`, `blocks.{i}.mlp.{c_fc,c_proj}.weight`, `resid_lambdas`, `x0_lambdas`,
   `smear_gate.weight`, `smear_lambda`, `backout_lambda`, `value_embeds.{i}.weight`, tied head. Its

@@ -3,8 +3,9 @@
 Every head ends in the model's final norm and an unembedding (the shared one, or Medusa's own for
 k >= 1); a family produces the hidden states [B, T_k, D] that feed them.
 
-- parallel (Gloeckle et al. 2024, seed 001): head k is its own stack of blocks on the trunk output.
-- sequential (DeepSeek-V3 §2.2, seed 002): head 0 is the trunk itself; module k >= 1 mixes the
+- parallel (Gloeckle et al. 2024, the MTP GPT-2's): head k is its own stack of blocks on the trunk
+  output.
+- sequential (DeepSeek-V3 §2.2, AOMTS's): head 0 is the trunk itself; module k >= 1 mixes the
   previous depth's hidden state with the embedding of token t+k and runs one block, so depth k can
   only be computed where token t+k is known (T - k positions).
 - medusa (Cai et al. 2024): head 0 is the trunk itself; head k >= 1 is a residual SiLU block on the

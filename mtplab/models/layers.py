@@ -27,8 +27,8 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 class LowRankLinear(nn.Module):
-    """A factored projection W = up @ down of rank r (seed 003's LoRA-style layers): r*(in+out)
-    parameters instead of in*out."""
+    """A factored projection W = up @ down of rank r (the Nano Reasoning Model's LoRA-style
+    layers): r*(in+out) parameters instead of in*out."""
 
     def __init__(self, d_in: int, d_out: int, rank: int, bias: bool):
         super().__init__()

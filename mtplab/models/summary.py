@@ -58,9 +58,9 @@ def summarize(config: ModelConfig, context: int | None = None) -> dict:
             "flops_per_token_all_heads": flops_all}
 
 
-# The parameter counts the seeds' cards publish for the recipes that reproduce them.
-CARD_PARAMETERS = {"aomts-100m": (126_401_024, "seed 002's card"),
-                   "gelu-d12": (261_096_338, "seed 004's card")}
+# The parameter counts the published models' cards give, for the recipes that reproduce them.
+CARD_PARAMETERS = {"aomts-100m": (126_401_024, "the AOMTS-TST-s6-100M-3k-1MTP-v1 card"),
+                   "gelu-d12": (261_096_338, "the gelu-d12-chinchilla-261M card")}
 
 
 def card_parameters(recipe_name: str, summary: dict, config: ModelConfig) -> dict | None:
@@ -104,7 +104,7 @@ def format_summary(summary: dict, config: ModelConfig) -> str:
 
 
 def _feature_lines(c: ModelConfig) -> list[str]:
-    """One line each for the nanochat (seed 004) and looped (seed 003) options that are on."""
+    """One line each for the nanochat and looped (Nano Reasoning Model) options that are on."""
     on = []
     if not c.norm_affine:
         on.append("parameterless norms")

@@ -2,14 +2,15 @@
 shared final norm + unembedding. Every architecture choice is a `ModelConfig` flag.
 
 Stream-level features live here (attention-level ones are in layers.py):
-- smear (seed 004): x_t += smear_lambda * sigmoid(smear_gate(x_t[:smear])) * x_{t-1}, on the
+- smear (nanochat): x_t += smear_lambda * sigmoid(smear_gate(x_t[:smear])) * x_{t-1}, on the
   token embedding; the cache keeps the ids so the previous token is known across calls.
 - value embeddings: one [V, Hkv*hd] table per alternating layer, gated into v by that layer.
 - resid/x0 lambdas: before block i, x <- resid_lambdas[i]*x + x0_lambdas[i]*x0 (x0 = embedding).
 - backout: the final stream minus backout_lambda * the stream leaving block n_layers//2 (nanochat
   keeps block n_layers//2's output, e.g. block 6's of 12, and subtracts it before the final norm).
-- looped layers (seed 003): entry blocks, a shared group run n_think_loops times (between passes
-  x <- g*x + (1-g)*x_pre, g = sigmoid(think_gate), x_pre the stream before the loop), exit blocks.
+- looped layers (the Nano Reasoning Model's): entry blocks, a shared group run n_think_loops times
+  (between passes x <- g*x + (1-g)*x_pre, g = sigmoid(think_gate), x_pre the stream before the
+  loop), exit blocks.
   Each pass of a shared block has its own cache layer, so the cache layout depends on the count.
 - logit softcap: c*tanh(z/c) on every head's logits.
 - padded vocabulary: the tables hold vocab_size rows (a multiple of 64), the tokenizer fewer
@@ -68,7 +69,7 @@ class Transformer(nn.Module):
         if config.backout:
             self.backout_lambda = nn.Parameter(torch.zeros(()))
         if config.loop_layers:
-            self.think_gate = nn.Parameter(torch.tensor(0.5))  # seed 003's start
+            self.think_gate = nn.Parameter(torch.tensor(0.5))  # the NRM's start
         self.n_think_loops = config.n_think_loops  # may be changed at inference; no new parameters
         self.heads = make_heads(config, first_layer=self.cache_layers(self.n_think_loops))
         self.norm_f = make_norm(config)
@@ -163,7 +164,7 @@ class Transformer(nn.Module):
             for loop in range(n_loops):
                 for i in range(entry, entry + shared):
                     x = run(i, x)
-                if loop < n_loops - 1:  # seed 003: blend back toward the pre-loop state
+                if loop < n_loops - 1:  # the NRM's: blend back toward the pre-loop state
                     g = torch.sigmoid(self.think_gate)
                     x = g * x + (1 - g) * x_pre
         for i in range(entry + shared, c.n_layers):

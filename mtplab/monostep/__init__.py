@@ -72,10 +72,10 @@ def _export(checkpoint, out_path):
 
 MONOSTEP = register(Architecture(
     name=MonostepConfig.arch, label="Monostep", config=MonostepConfig, decoding="decodes in blocks",
-    export_hint="write seed 000's bundle with `mtplab export monostep` instead",
+    export_hint="write Monostep's bundle with `mtplab export monostep` instead",
     build=_build, summarize=_summarize, describe=_describe, train=_train, decode=_decode, evaluate=_evaluate,
     convert=_convert, convert_options=frozenset({"tokenizer", "trust_pickle"}),
-    convert_what="seed 000's monostep_bundle.pt (+ GPT-2 tokenizer files) -> Monostep",
-    export=_export, exported="seed 000's bundle"))
+    convert_what="Monostep's monostep_bundle.pt (+ GPT-2 tokenizer files) -> Monostep",
+    export=_export, exported="Monostep's bundle"))
 
 __all__ = ["MONOSTEP", "MonostepConfig"]

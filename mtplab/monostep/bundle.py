@@ -87,7 +87,7 @@ def convert_monostep(source: Path, options: ConvertOptions) -> Converted:
     history = {"train_loss": list(bundle.get("train_history") or []),
                "eval_loss": list(bundle.get("eval_history") or [])}
     return Converted(model.eval(), tokenizer, KeyReport(),
-                     notes=[f"seed 000's Monostep: {config.n_future} slots, vocabulary {config.vocab_size}"],
+                     notes=[f"Monostep: {config.n_future} slots, vocabulary {config.vocab_size}"],
                      run={"monostep_bundle": {"config": bundle["config"], "sample_output": bundle.get("sample_output")}},
                      trainer_state=None if optimizer is None else {"optimizer": optimizer},
                      files={METRICS_JSON: history_json(history)})

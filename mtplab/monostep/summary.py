@@ -27,7 +27,7 @@ def summarize(config: MonostepConfig, context: int) -> dict:
 def describe(summary: dict, config: MonostepConfig) -> str:
     c, b = config, summary["breakdown"]
     return "\n".join([
-        f"monostep (seed 000): pooled encoder d_model {c.d_model}, {c.n_layers} layers, {c.n_heads} "
+        f"monostep: pooled encoder d_model {c.d_model}, {c.n_layers} layers, {c.n_heads} "
         f"attention heads, GELU MLP {4 * c.d_model}, learned positions ({c.max_seq_len}), vocab {c.vocab_size}",
         f"slots: {summary['heads']} chained slot heads, one block of {summary['heads']} tokens per forward",
         f"parameters: {summary['parameters']:,}",

@@ -5,7 +5,7 @@ approximation of its polar factor (U V^T of its SVD) from 5 Newton–Schulz iter
 quintic coefficients (3.4445, -4.7750, 2.0315). Those coefficients trade exactness for speed: the
 singular values come out in roughly [0.7, 1.2] rather than exactly 1, which is what Muon wants.
 
-Aurora (Tilde Research's public release, seed 002's matrix optimizer) takes an *exact* polar factor
+Aurora (Tilde Research's public release, AOMTS's matrix optimizer) takes an *exact* polar factor
 whose row norms are balanced. The polar factor U of a tall m x n update has orthonormal columns, so
 its squared row norms (one per output neuron) sum to n but can be very unequal. Aurora exploits the
 freedom of a diagonal left preconditioner D: polar(D G) is still a matrix with orthonormal columns,

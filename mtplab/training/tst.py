@@ -1,4 +1,4 @@
-"""Token Superposition Training (TST, arXiv 2605.06546; seed 002's variant for MTP heads).
+"""Token Superposition Training (TST, arXiv 2605.06546; AOMTS's variant for MTP heads).
 
 Phase 1 (the first `tst_fraction` of the steps): s*T raw tokens are cut into T non-overlapping bags of
 s tokens; each bag's token embeddings are *averaged* into one input position, so the trunk runs at
@@ -6,7 +6,7 @@ length T while reading s times more text. Position i has seen bags 0..i, i.e. ra
 (i+1)s-1, and the main head predicts the whole next bag, raw tokens [(i+1)s, (i+2)s), with the
 multi-hot cross-entropy: the mean of the s cross-entropies of one set of logits.
 
-MTP head d predicts that bag shifted d raw tokens forward, [(i+1)s+d, (i+2)s+d) (seed 002's rule, so
+MTP head d predicts that bag shifted d raw tokens forward, [(i+1)s+d, (i+2)s+d) (AOMTS's rule, so
 that every head gets a distinct target). A sequential (DeepSeek-style) depth d also reads the bag
 shifted d raw tokens, [is+d, (i+1)s+d): the analogue of reading token t+d to predict t+d+1.
 

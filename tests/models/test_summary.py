@@ -31,7 +31,7 @@ def test_aomts_100m_matches_the_card(capsys):
     assert "118,209,024 unique parameters + the tied 16,000 x 512" in info["card"]["explained"]
     assert "counted a second time" in info["card"]["explained"]
     assert main(["info", "aomts-100m"]) == 0  # the text summary says the same
-    assert "seed 002's card: 126,401,024 = the 118,209,024 unique" in capsys.readouterr().out
+    assert "the AOMTS-TST-s6-100M-3k-1MTP-v1 card: 126,401,024 = the 118,209,024 unique" in capsys.readouterr().out
 
 
 def test_mtp_gpt2_is_gpt2_124m_plus_one_block():
