@@ -15,8 +15,7 @@ from ..models.transformer import Transformer
 
 def mask_pad(labels: torch.Tensor, pad_id: int | None) -> torch.Tensor:
     """Labels with every pad token turned into IGNORE (the Nano Reasoning Model's pad-ignoring
-    loss), so that a
-    padded label is neither scored nor counted."""
+    loss), so that a padded label is neither scored nor counted."""
     return labels if pad_id is None else labels.masked_fill(labels == pad_id, IGNORE)
 
 
