@@ -32,8 +32,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtplab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mtplab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_arguments(sub.add_parser("train", help="train a model from a TOML recipe"))
+    _generate_arguments(sub.add_parser("generate", help="generate text from a checkpoint"))
+    _chat_arguments(sub.add_parser("chat", help="talk to a checkpoint in the terminal (streams the answer)"))
+    _serve_arguments(sub.add_parser("serve", help="OpenAI-compatible API and a chat page that shows drafted tokens"))
+    _bench_arguments(sub.add_parser("bench", help="decode the same prompts plain and speculative; compare speed"))
+    _calibrate_arguments(sub.add_parser("calibrate", help="choose the draft tree that decodes fastest on this machine; "
+                                                          "store it with the checkpoint (--tree auto)"))
+    _eval_arguments(sub.add_parser("eval", help="score a checkpoint: GSM8K exact match, loss per head, perplexity"))
+    _info_arguments(sub.add_parser("info", help="architecture summary: parameters by part, FLOPs per token"))
+    _recipes_arguments(sub.add_parser("recipes", help="the packaged recipes: what each reproduces, parameters, "
+                                                      "how to train it"))
+    _ablate_arguments(sub.add_parser("ablate", help="AOMTS's nine-run table: TST x MTP heads, reset, cosine"))
+    _export_hf_arguments(sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face transformers model "
+                                                          "(GPT-2 / Llama natively, else with remote code)"))
+    _convert_arguments(sub.add_parser("convert", help="import a GPT-2 / Llama (HF), GELU_GPT (gelu-d12) or "
+                                                      "nanochat checkpoint"))
+    _export_arguments(sub.add_parser("export", help="write a checkpoint in a published model's own format "
+                                                    "(monostep: Monostep's bundle)"))
+    _demo_arguments(sub.add_parser("demo", help="train and evaluate on built-in arithmetic problems (minutes, CPU)"))
+    return parser
 
-    p = sub.add_parser("train", help="train a model from a TOML recipe")
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True,
                    help="a TOML file or a packaged recipe's name (`mtplab recipes` lists them), e.g. tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -42,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint")
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt")
@@ -67,14 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_think_loops(p)
     _add_sampling(p)
 
-    p = sub.add_parser("chat", help="talk to a checkpoint in the terminal (streams the answer)")
+
+def _chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--device", default="cpu")
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None)
     _add_think_loops(p)
     _add_sampling(p)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible API and a chat page that shows drafted tokens")
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
@@ -100,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think-loops", type=int, default=None, metavar="N",
                    help="looped trunks: the default think loops (a request may set its own: think_loops)")
 
-    p = sub.add_parser("bench", help="decode the same prompts plain and speculative; compare speed")
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--prompts", help="text file, one prompt per line (.jsonl: questions, chat format)")
     p.add_argument("--chat", action="store_true", help="wrap text-file prompts in the chat template")
@@ -119,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="--data: its first N examples (text: N windows)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("calibrate", help="choose the draft tree that decodes fastest on this machine; "
-                                         "store it with the checkpoint (--tree auto)")
+
+def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True,
                    help="held-out prompts: jsonl questions (chat format) or a text file, one per line")
@@ -133,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the comparison, store nothing")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
-    p = sub.add_parser("eval", help="score a checkpoint: GSM8K exact match, loss per head, perplexity")
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--task", required=True, choices=["gsm8k", "loss", "ppl"])
     p.add_argument("--data", required=True, help="jsonl (question/answer) or, for loss/ppl, a text file")
@@ -149,16 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "window (default, as ppl), cut from the left, or skipped")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("info", help="architecture summary: parameters by part, FLOPs per token")
+
+def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a recipe (a .toml file or a packaged recipe's name) or a checkpoint directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a value (a checkpoint: model.* only, e.g. model.n_think_loops=4)")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("recipes", help="the packaged recipes: what each reproduces, parameters, how to train it")
+
+def _recipes_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON list")
 
-    p = sub.add_parser("ablate", help="AOMTS's nine-run table: TST x MTP heads, reset, cosine")
+
+def _ablate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="a TOML file or a packaged recipe's name, e.g. aomts-ablation")
     p.add_argument("--out", required=True, help="directory: one run per row, ablation.md/.json, plot")
     p.add_argument("--steps", type=int, default=None, help="steps per row (default: the recipe's)")
@@ -167,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
 
-    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face transformers model "
-                                         "(GPT-2 / Llama natively, else with remote code)")
+
+def _export_hf_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--format", choices=["native", "remote", "auto"], default="auto",
                    help="native: GPT2LMHeadModel / LlamaForCausalLM + the heads beside them, no remote "
@@ -178,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequential heads: store the MTP modules DeepSeek-V3 style, model.layers.{n+j}")
     p.add_argument("--force", action="store_true", help="replace --out if it is not empty")
 
-    p = sub.add_parser("convert", help="import a GPT-2 / Llama (HF), GELU_GPT (gelu-d12) or nanochat checkpoint")
+
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("format", metavar="FORMAT", help="gpt2 | gelu-d12 | nanochat | monostep | hf")
     p.add_argument("source", help="the checkpoint directory (or file) to read")
     p.add_argument("--out", required=True, help="mtplab checkpoint directory to write")
@@ -194,17 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gelu-d12, nanochat: RoPE base (default: the config's, else 100000)")
     p.add_argument("--step", type=int, default=None, help="nanochat: model_<step>.pt (default: highest)")
 
-    p = sub.add_parser("export", help="write a checkpoint in a published model's own format "
-                                      "(monostep: Monostep's bundle)")
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("format", choices=[a.name for a in registered() if a.export])
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="the file to write, e.g. monostep_bundle.pt")
 
-    p = sub.add_parser("demo", help="train and evaluate on built-in arithmetic problems (minutes, CPU)")
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
-    return parser
 
 
 def cmd_train(args) -> None:
