@@ -123,6 +123,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--think-loops", type=int, default=None, metavar="N",
                    help="looped trunks: the default think loops (a request may set its own: think_loops)")
+    p.add_argument("--tree", nargs="?", const="auto", default=None, metavar="TREE",
+                   help="requests verify a tree of drafts each step unless they send \"speculative\": "
+                        "\"chain\" or \"off\"; TREE as generate's: 'auto' (the default with no value: the "
+                        "tree `mtplab calibrate` stored, else 'default'), 'default', 'chain' or rank paths")
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -352,21 +356,10 @@ def generate_many(args, model, tokenizer, params) -> None:
 
 
 def draft_tree(text: str | None, model, checkpoint: str):
-    """--tree's tree for `model` (None without the flag; 'auto': the checkpoint's calibrated tree,
-    else the default); one that does not fit is an error."""
-    from .inference.calibrate import calibrated_tree
-    from .inference.tree import DraftTree
+    """--tree's tree for `model` (None without the flag; see calibrate.tree_option)."""
+    from .inference.calibrate import tree_option
 
-    if text is None:
-        return None
-    if getattr(model, "heads", None) is None or model.n_future < 2:
-        raise MtplabError("--tree needs a model with draft heads")
-    tree = (calibrated_tree(checkpoint) if text == "auto" else None) or DraftTree.named(
-        "default" if text == "auto" else text, model.n_future - 1)
-    if tree.depth > model.n_future - 1:
-        raise MtplabError(f"the tree {text!r} is {tree.depth} deep; the model has {model.n_future - 1} "
-                          "draft heads")
-    return tree
+    return None if text is None else tree_option(text, model, checkpoint)
 
 
 def cmd_generate(args) -> None:
@@ -433,7 +426,7 @@ def cmd_serve(args) -> None:
 
     serve(args.checkpoint, args.host, args.port, args.api_key, args.model_name, args.max_queue,
           args.max_batch, args.device, limits=limits, think_loops=args.think_loops,
-          kv_memory_mib=args.kv_memory)
+          kv_memory_mib=args.kv_memory, tree=args.tree)
 
 
 def read_prompts(path: str | None, tokenizer, chat: bool) -> list[list[int]]:

@@ -186,3 +186,17 @@ def calibrated_tree(directory: str | Path) -> DraftTree | None:
         return DraftTree.parse(json.loads(path.read_text())["tree"])
     except (json.JSONDecodeError, KeyError, TypeError):
         raise MtplabError(f"{path}: not a calibration file (rerun mtplab calibrate)") from None
+
+
+def tree_option(text: str, model, checkpoint: str | Path) -> DraftTree:
+    """A `--tree` value's tree for `model` (generate, bench, serve): 'auto' is the tree calibrate
+    stored with the checkpoint, else 'default'; 'default', 'chain' or rank paths as DraftTree.named.
+    A tree that does not fit the model's heads is an error."""
+    if getattr(model, "heads", None) is None or model.n_future < 2:
+        raise MtplabError("--tree needs a model with draft heads")
+    tree = (calibrated_tree(checkpoint) if text == "auto" else None) or DraftTree.named(
+        "default" if text == "auto" else text, model.n_future - 1)
+    if tree.depth > model.n_future - 1:
+        raise MtplabError(f"the tree {text!r} is {tree.depth} deep; the model has {model.n_future - 1} "
+                          "draft heads")
+    return tree

@@ -69,6 +69,7 @@ class Request:
     n_draft: int = 0  # drafts per step (0: plain decoding)
     chance: Randomness | None = None  # default: a generator seeded by params.seed
     stats: SpeculativeStats | None = None  # filled in as the request decodes
+    tree: bool = True  # verify the engine's tree when it has one (False: draft a chain instead)
 
 
 class Row:
@@ -95,7 +96,8 @@ class Row:
         # the engine's tree cut to this row's drafts: heads that all read one position draft it
         # as it is (their top tokens); a drafter, whose depths read the drafts before them, grows a
         # tree of that size and width each step (SequentialDrafter.draft_tree)
-        self.tree = engine.tree.pruned(self.n_draft) if engine.tree and self.n_draft else None
+        wants_tree = engine.tree is not None and self.n_draft > 0 and request.tree
+        self.tree = engine.tree.pruned(self.n_draft) if wants_tree else None
         self.step_tree: DraftTree | None = None  # the tree that row.drafts holds the tokens of
 
     @property
@@ -130,7 +132,9 @@ class Engine:
         decoding row (a system prompt, the earlier turns of a chat) copies that row's keys and
         values instead of recomputing them (0: never). `tree`: speculating rows verify this tree
         of drafts each step instead of a chain (tree.py; cut to each row's n_draft deep; families
-        with a per-row drafter grow a tree as large and as wide each step)."""
+        with a per-row drafter grow a tree as large and as wide each step), unless their request
+        asks for a chain (`Request.tree`): rows of one batch may mix trees, chains and plain
+        decoding, each lossless on its own."""
         if max_batch < 1:
             raise MtplabError(f"max_batch must be >= 1, got {max_batch}")
         most = model.n_future - 1

@@ -35,10 +35,11 @@ from ..errors import MtplabError
 from ..inference.decode import decode
 from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
+from ..inference.tree import DraftTree
 from ..models.transformer import Transformer
 from .limits import Limits, ReadBody
 from .metrics import Metrics, Watch
-from .schemas import ChatRequest, CompletionRequest, _Sampling
+from .schemas import SPECULATION, ChatRequest, CompletionRequest, _Sampling
 from .streaming import EngineJob, Piece, stream_pieces
 from .worker import QueueFull, Ticket, Unavailable, Worker
 
@@ -175,18 +176,32 @@ def sse(data: Any) -> str:
 
 def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None = None,
                max_queue: int = 64, max_batch: int = 16, decode_fn: Callable[..., Iterator] | None = None,
-               engine_fn: Callable[..., Engine] = Engine, limits: Limits = Limits()) -> FastAPI:
+               engine_fn: Callable[..., Engine] = Engine, limits: Limits = Limits(),
+               tree: DraftTree | None = None, speculative: str = "chain") -> FastAPI:
     """An app serving one model, decoding up to `max_batch` requests together with `max_queue`
-    more waiting. A Transformer's requests share one `engine_fn(model, max_batch=, n_draft=)`
+    more waiting. A Transformer's requests share one `engine_fn(model, max_batch=, n_draft=, tree=)`
     (tests slow it down to press stop mid-answer). `decode_fn`, with
     `mtplab.inference.decode.decode`'s signature, decodes each request on its own instead, in turn
     (another architecture's model, e.g. Monostep's blocks, always does, with `decode`). `limits`: the
-    body size and read deadline, the longest prompt (limits.py; the HTTP layer's own are `limits.uvicorn_config`'s)."""
+    body size and read deadline, the longest prompt (limits.py; the HTTP layer's own are `limits.uvicorn_config`'s).
+    `tree`: the draft tree of requests that speculate with one (default: DraftTree.default for the
+    model's heads); `speculative`: how requests that do not choose decode, "tree", "chain" or "off"
+    (a model without draft heads decodes plain)."""
     window = model.config.max_seq_len
     max_prompt = min(limits.max_prompt_tokens or window - 1, window - 1)
     vocab = model.config.vocab_size
     other = architecture_of(model)  # e.g. Monostep: one block of slots per forward, no speculation
     batched = decode_fn is None and isinstance(model, Transformer)  # else one request at a time
+    depth = model.n_future - 1 if other is None else 0  # draft heads that can speculate
+    if speculative not in SPECULATION:
+        raise MtplabError(f"speculative must be one of {', '.join(SPECULATION)}, got {speculative!r}")
+    if tree is not None and other is not None:
+        raise MtplabError(f"a {other.label} model {other.decoding}: it has no tree speculation")
+    if tree is not None and tree.depth > depth:
+        raise MtplabError(f"the draft tree is {tree.depth} deep; the model has {depth} draft heads")
+    if depth and tree is None:
+        tree = DraftTree.default(depth)
+    default_mode = speculative if depth else "off"
     decode_fn = decode_fn or decode
     created = int(time.time())
     state: dict[str, Worker | None] = {"worker": None}
@@ -196,7 +211,7 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
             def engine(think_loops: int):  # on the worker thread, per count in use: max_batch rows
                 default, model.n_think_loops = model.n_think_loops, think_loops
                 try:  # the engine's KV cache is laid out for this count and keeps it
-                    return engine_fn(model, max_batch=max_batch, n_draft=model.n_future - 1)
+                    return engine_fn(model, max_batch=max_batch, n_draft=model.n_future - 1, tree=tree)
                 finally:
                     model.n_think_loops = default
             state["worker"] = (Worker(max_queue, max_batch, engine, model.n_think_loops) if batched
@@ -323,9 +338,7 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
             raise APIError(400, problem, param="stop")
         for i, stop in enumerate(body.stop_strings()):
             check_text(stop, "stop" if isinstance(body.stop, str) else f"stop.{i}")
-        if other is not None and (body.speculative or body.n_draft):
-            raise APIError(400, f"this is a {other.label} model: it {other.decoding} of "
-                           f"{model.n_future} tokens, without speculation", param="speculative")
+        mode = speculation(body.speculative, body.n_draft)
         if body.think_loops is not None:  # mtplab extension: this request's think loops
             try:
                 check_think_loops(model.config, body.think_loops, f"the model {model_name!r}")
@@ -347,15 +360,25 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
         except MtplabError as exc:
             raise APIError(400, str(exc)) from None
         stops = body.stop_strings()
+        n_draft = (depth if body.n_draft is None else body.n_draft) if mode != "off" else 0
         if batched:
-            speculative = model.n_future > 1 if body.speculative is None else body.speculative
-            n_draft = (model.n_future - 1 if body.n_draft is None else body.n_draft) if speculative else 0
-            return EngineJob(tokenizer, prompt, max_tokens, params, n_draft, stops), max_tokens
+            job = EngineJob(tokenizer, prompt, max_tokens, params, n_draft, stops, tree=mode == "tree")
+            return job, max_tokens
 
         def start():
-            return stream_pieces(model, tokenizer, prompt, max_tokens, params, body.speculative,
-                                 body.n_draft, stops, decode_fn)
+            return stream_pieces(model, tokenizer, prompt, max_tokens, params, mode != "off",
+                                 n_draft, stops, decode_fn, tree if mode == "tree" else None)
         return start, max_tokens
+
+    def speculation(value: bool | str | None, n_draft: int | None) -> str:
+        """A request's `speculative` as "tree", "chain" or "off" (true: the server's default)."""
+        if other is not None and (value not in (None, False, "off") or n_draft):
+            raise APIError(400, f"this is a {other.label} model: it {other.decoding} of "
+                           f"{model.n_future} tokens, without speculation", param="speculative")
+        if isinstance(value, str) and value != "off" and not depth:
+            raise APIError(400, f"the model {model_name!r} has one head: nothing to draft a {value} with",
+                           param="speculative")
+        return default_mode if value is None or value is True else "off" if value is False else value
 
     def submit(work, think_loops: int | None = None) -> Ticket:
         try:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
+SPECULATION = ("tree", "chain", "off")  # the words `speculative` takes besides true and false
 
 
 class _Sampling(BaseModel):
@@ -28,12 +30,22 @@ class _Sampling(BaseModel):
     stream: bool | None = False
     stream_options: dict | None = None
     n: int | None = Field(None, ge=1, le=1)  # one answer per request
-    # mtplab extensions: speculation on/off (default: on when the model has heads) and its width
-    speculative: bool | None = None
+    # mtplab extensions: speculation, "tree", "chain" or "off" (true: the server's default, on when
+    # the model has heads; false: "off"), and its width
+    speculative: bool | str | None = None
     n_draft: int | None = Field(None, ge=0)
     # looped trunks: this request's think loops (default: the server's); each count in use keeps a
     # KV cache of its own, hence the bound
     think_loops: int | None = Field(None, ge=1, le=32)
+
+    @field_validator("speculative", mode="before")
+    @classmethod
+    def _speculation(cls, value):
+        # before the union's own checks, which would name a member ("speculative.bool") for a 3
+        if value is None or isinstance(value, bool) or (isinstance(value, str) and value in SPECULATION):
+            return value
+        raise PydanticCustomError("speculation", "must be true, false, 'tree', 'chain' or 'off', got {got}",
+                                  {"got": repr(value)[:40]})
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -38,11 +38,16 @@ GRACE_S = 3  # seconds that running requests have to end once the server is told
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_queue: int = 64, max_batch: int | None = None,
           device: str = "cpu", log_level: str = "info",
-          limits: Limits = Limits(), think_loops: int | None = None, kv_memory_mib: int = 1024) -> None:
-    """`max_batch` None: as many rows as fit `kv_memory_mib` of KV cache, at most 64."""
+          limits: Limits = Limits(), think_loops: int | None = None, kv_memory_mib: int = 1024,
+          tree: str | None = None) -> None:
+    """`max_batch` None: as many rows as fit `kv_memory_mib` of KV cache, at most 64. `tree`: a
+    `--tree` value (calibrate.tree_option): requests that do not choose verify that tree; without
+    one they draft a chain, and those that ask for "tree" verify 'auto''s."""
     import uvicorn
 
+    from ..architectures import architecture_of
     from ..config import check_think_loops
+    from ..inference.calibrate import tree_option
     from ..models.checkpoint import load_model
     from .app import create_app
     from .limits import uvicorn_config
@@ -62,14 +67,24 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
             check_think_loops(model.config, think_loops, checkpoint)
             model.n_think_loops = think_loops
         name = model_name or Path(checkpoint).resolve().name
+        other = architecture_of(model)
+        if tree is not None and other is not None:
+            raise MtplabError(f"--tree: {checkpoint} is a {other.label} model: it {other.decoding}, "
+                              "without speculation")
+        can_draft = other is None and model.n_future > 1
+        draft = tree_option(tree or "auto", model, checkpoint) if tree is not None or can_draft else None
         if max_batch is None:
             from ..inference.engine import rows_that_fit
 
-            max_batch = rows_that_fit(model, model.n_future - 1, kv_memory_mib << 20)
-        app = create_app(model, tokenizer, name, api_key, max_queue, max_batch, limits=limits)
+            # a row's cache holds the drafted positions past its end too: the tree's, or the chain's
+            room = max(model.n_future - 1, draft.size if draft is not None else 0)
+            max_batch = rows_that_fit(model, room, kv_memory_mib << 20)
+        app = create_app(model, tokenizer, name, api_key, max_queue, max_batch, limits=limits, tree=draft,
+                         speculative="tree" if tree is not None else "chain")
         shown = f"[{host}]" if ":" in host else host
         print(f"mtplab serve: model {name!r} ({model.num_parameters() / 1e6:.1f}M parameters, "
-            f"{model.n_future} head(s), up to {max_batch} requests decoded together) at "
+            f"{model.n_future} head(s), up to {max_batch} requests decoded together"
+            f"{f', verifying a {draft.size}-node draft tree by default' if tree is not None else ''}) at "
             f"http://{shown}:{sock.getsockname()[1]}/ "
             f"(chat page at /, OpenAI API at /v1){'; API key required' if api_key else ''}", flush=True)
         log_to_stderr(log_level)

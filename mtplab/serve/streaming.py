@@ -17,6 +17,7 @@ from ..inference.decode import TextDecoder, decode
 from ..inference.engine import Request
 from ..inference.sampling import SamplingParams
 from ..inference.speculative import SpeculativeStats
+from ..inference.tree import DraftTree
 
 Segment = tuple[str, bool]  # (text, is an accepted draft token)
 
@@ -122,11 +123,15 @@ class PieceMaker:
 
 def stream_pieces(model, tokenizer, prompt: list[int], max_tokens: int, params: SamplingParams,
                   speculative: bool | None = None, n_draft: int | None = None, stop: list[str] = (),
-                  decode_fn: Callable[..., Iterator] = decode) -> Iterator[Piece]:
-    """The pieces of one completion decoded on its own (`decode_fn`); the last has `finish_reason` set."""
+                  decode_fn: Callable[..., Iterator] = decode,
+                  tree: DraftTree | None = None) -> Iterator[Piece]:
+    """The pieces of one completion decoded on its own (`decode_fn`, verifying `tree` when given);
+    the last has `finish_reason` set."""
     pieces = PieceMaker(tokenizer, max_tokens, stop)
+    # passed only when there is one: a decode_fn without a `tree` parameter serves the rest
+    with_tree = {"tree": tree} if tree is not None else {}
     for event in decode_fn(model, prompt, max_tokens, params, tokenizer.eos_id, speculative, n_draft,
-                           pieces.stats):
+                           pieces.stats, **with_tree):
         piece = pieces.feed(event)
         yield piece
         if piece.finish_reason:
@@ -139,15 +144,16 @@ class EngineJob:
     worker admits it, so that tokens/s counts from there) and its events -> pieces."""
 
     def __init__(self, tokenizer, prompt: list[int], max_tokens: int, params: SamplingParams,
-                 n_draft: int = 0, stop: list[str] = ()):
+                 n_draft: int = 0, stop: list[str] = (), tree: bool = True):
+        """`tree`: verify the engine's draft tree (when it has one), else a chain."""
         self.tokenizer, self.prompt, self.max_tokens = tokenizer, prompt, max_tokens
-        self.params, self.n_draft, self.stop = params, n_draft, list(stop)
+        self.params, self.n_draft, self.stop, self.tree = params, n_draft, list(stop), tree
         self.pieces: PieceMaker | None = None
 
     def request(self) -> Request:
         self.pieces = PieceMaker(self.tokenizer, self.max_tokens, self.stop)
         return Request(self.prompt, self.max_tokens, self.params, self.tokenizer.eos_id, self.n_draft,
-                       stats=self.pieces.stats)
+                       stats=self.pieces.stats, tree=self.tree)
 
     def feed(self, event) -> tuple[Piece, bool]:
         """The event's piece, and whether it is the last (the request leaves the batch)."""

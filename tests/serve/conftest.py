@@ -63,8 +63,8 @@ class Run:
 
 
 class RecordingEngine(Engine):
-    def __init__(self, model, max_batch, n_draft, owner):
-        super().__init__(model, max_batch=max_batch, n_draft=n_draft)
+    def __init__(self, model, max_batch, n_draft, owner, tree=None):
+        super().__init__(model, max_batch=max_batch, n_draft=n_draft, tree=tree)
         self.owner = owner
 
     def submit(self, request):
@@ -98,8 +98,8 @@ class SlowEngine:
         self.runs: list[Run] = []
         self.widths: list[int] = []
 
-    def __call__(self, model, max_batch, n_draft):
-        self.engines.append(RecordingEngine(model, max_batch, n_draft, self))
+    def __call__(self, model, max_batch, n_draft, tree=None):
+        self.engines.append(RecordingEngine(model, max_batch, n_draft, self, tree))
         return self.engines[-1]
 
     @property
