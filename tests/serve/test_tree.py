@@ -48,7 +48,7 @@ def streamed(server, prompt, speculative):
 
 def plain_greedy(tiny, prompt):
     model, tok, _ = tiny
-    return tok.decode(generate_ids(model, tok.encode(prompt), N))  # to the limit: the engine ignores eos
+    return tok.decode(generate_ids(model, tok.encode(prompt), N))  # to the limit: the test engines ignore eos
 
 
 def rows_by_prompt(slow, tok):
@@ -71,7 +71,8 @@ def test_every_decoder_in_one_batch_answers_plain_greedy(serve_app, slow_engine,
     modes = [{None: default, True: default, False: "off"}.get(asked, asked) for _, asked in REQUESTS]
     for (prompt, _), mode in zip(REQUESTS, modes):
         row = rows[prompt]
-        assert (row.tree, row.n_draft > 0) == ((WIDE if mode == "tree" else None), mode != "off"), (prompt, mode)
+        expected = (WIDE if mode == "tree" else None, mode != "off")
+        assert (row.tree, row.n_draft > 0) == expected, (prompt, mode)
     # a tree step's drafts are the head's top three; its first token, when accepted, is one of them
     siblings = [c for (_, chunks), mode in zip(answers, modes) if mode == "tree" for c in chunks
                 if c["accepted"][:1] == [True] and c["tokens"][0] != c["drafts"][0]]
@@ -107,9 +108,9 @@ def test_a_bad_speculative_value_is_a_one_line_400(api, value):
 
 def test_a_model_without_draft_heads_refuses_a_tree_or_a_chain_but_serves_plain(tiny):
     tok = tiny[1]
-    torch_model = Transformer(ModelConfig(vocab_size=tiny[0].config.vocab_size, d_model=16, n_layers=1,
+    one_head = Transformer(ModelConfig(vocab_size=tiny[0].config.vocab_size, d_model=16, n_layers=1,
                                           n_heads=2, max_seq_len=32, n_future=1)).eval()
-    with TestClient(create_app(torch_model, tok, model_name="one")) as client:
+    with TestClient(create_app(one_head, tok, model_name="one")) as client:
         for value in ("tree", "chain"):
             r = client.post("/v1/completions", json={"prompt": "Ava", "max_tokens": 2, "speculative": value})
             assert r.status_code == 400 and r.json()["error"]["param"] == "speculative", r.text
@@ -118,7 +119,7 @@ def test_a_model_without_draft_heads_refuses_a_tree_or_a_chain_but_serves_plain(
             body = {"prompt": "Ava", "max_tokens": 2, **({} if value is None else {"speculative": value})}
             assert client.post("/v1/completions", json=body).status_code == 200
     with pytest.raises(MtplabError, match="1 deep; the model has 0 draft heads"):
-        create_app(torch_model, tok, tree=DraftTree.chain(1))
+        create_app(one_head, tok, tree=DraftTree.chain(1))
 
 
 def test_create_app_refuses_a_tree_deeper_than_the_heads_and_an_unknown_default(tiny):
