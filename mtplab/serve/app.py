@@ -287,7 +287,9 @@ def create_app(model, tokenizer, model_name: str = "mtplab", api_key: str | None
 
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "mtplab",
             "mtplab": {"context_length": window, "heads": model.n_future,
-                       "parameters": model.num_parameters(), "chat_template": tokenizer.chat_template}}
+                       "parameters": model.num_parameters(), "chat_template": tokenizer.chat_template,
+                       # what a request without `speculative` decodes with, and a "tree" request's tree
+                       "speculative": default_mode, "draft_tree": str(tree) if tree is not None else None}}
 
     @router.api_route("/v1/models", methods=["GET", "HEAD"])
     async def list_models():

@@ -63,6 +63,8 @@ def test_every_decoder_in_one_batch_answers_plain_greedy(serve_app, slow_engine,
     accepted drafts that were not the head's top guess (a chain could not have)."""
     slow = slow_engine(0.002, ignore_eos=True)
     server = serve_app(engine_fn=slow, tree=WIDE, speculative=default)
+    card = httpx.get(server.url + "/v1/models/tiny", timeout=10).json()["mtplab"]
+    assert (card["speculative"], card["draft_tree"]) == (default, "0 1 2")
     with ThreadPoolExecutor(len(REQUESTS)) as pool:
         answers = list(pool.map(lambda r: streamed(server, *r), REQUESTS))
     assert [text for text, _ in answers] == [plain_greedy(tiny, p) for p, _ in REQUESTS]
@@ -88,6 +90,8 @@ def test_a_chain_server_verifies_the_default_tree_on_request(serve_app, slow_eng
     assert complete(server, "Ava has", None) == plain_greedy(tiny, "Ava has")
     rows = rows_by_prompt(slow, tiny[1])
     assert rows["Ben has"].tree == DraftTree.default(tiny[0].n_future - 1) and rows["Ava has"].tree is None
+    card = httpx.get(server.url + "/v1/models/tiny", timeout=10).json()["mtplab"]
+    assert (card["speculative"], card["draft_tree"]) == ("chain", "0 1 2")
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +122,8 @@ def test_a_model_without_draft_heads_refuses_a_tree_or_a_chain_but_serves_plain(
         for value in ("off", True, False, None):
             body = {"prompt": "Ava", "max_tokens": 2, **({} if value is None else {"speculative": value})}
             assert client.post("/v1/completions", json=body).status_code == 200
+        card = client.get("/v1/models/one").json()["mtplab"]
+        assert (card["speculative"], card["draft_tree"]) == ("off", None)
     with pytest.raises(MtplabError, match="1 deep; the model has 0 draft heads"):
         create_app(one_head, tok, tree=DraftTree.chain(1))
 
