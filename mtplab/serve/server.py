@@ -42,7 +42,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
           tree: str | None = None) -> None:
     """`max_batch` None: as many rows as fit `kv_memory_mib` of KV cache, at most 64. `tree`: a
     `--tree` value (calibrate.tree_option): requests that do not choose verify that tree; without
-    one they draft a chain, and those that ask for "tree" verify 'auto''s."""
+    one they draft a chain, and a request that asks for "tree" verifies the 'auto' tree."""
     import uvicorn
 
     from ..architectures import architecture_of
