@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from ..architectures import architecture_of
 from ..config import Config
 from ..data.pipeline import Dataset, build_dataset
-from ..errors import MtplabError
 from ..evaluation.head_loss import evaluate_heads, mask_pad
 from ..evaluation.plots import plot_losses
 from ..models.checkpoint import WEIGHTS, load_base, load_state, save_step
