@@ -16,20 +16,7 @@ from mtplab.cli import main
 from mtplab.config import load_config
 from mtplab.models.checkpoint import step_dirs
 from mtplab.training import trainer
-from tests.conftest import TINY
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, pattern):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mtplab: error:") and pattern in lines[0], err
-    assert "Traceback" not in err
+from tests.conftest import QUESTION, TINY, assert_one_line_error, run_cli
 
 
 def test_missing_checkpoint_directory(capsys, tmp_path):
@@ -100,9 +87,6 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     assert summary["identical"] and summary["tree_identical"] and summary["tree"] == "0 1 2 0.0 0.1 1.0 0.0.0 0.0.1 0.1.0"
     assert any(line.startswith("  with a tree of 9 drafts instead of the chain: ") for line in lines)
     assert "on the CPU: 6 steps of" in lines[0] and "auto" not in lines[0]  # the header in plain words
-
-
-QUESTION = "Ava has 3 apples. Then Ava buys 2 more apples. How many apples does Ava have now?"
 
 
 def test_speculative_generate_marks_drafts_and_matches_plain(capsys, tiny_run):

@@ -15,7 +15,8 @@ from mtplab.inference.engine import Engine, Request
 from mtplab.inference.generate import generate_ids
 from mtplab.inference.tree import DraftTree
 from mtplab.models.transformer import Transformer
-from tests.inference.test_speculative import random_model
+from tests.conftest import QUESTION, assert_one_line_error, run_cli
+from tests.inference.conftest import random_model
 
 
 def accepted_in_first_step(model, prompt, tree):
@@ -96,8 +97,6 @@ def test_calibrate_refuses_what_it_cannot_measure():
 
 
 def test_cli_calibrate_then_generate_and_bench_use_the_stored_tree(capsys, tiny_run, tmp_path):
-    from tests.test_cli import QUESTION, assert_one_line_error, run_cli
-
     out = tmp_path / "run"
     shutil.copytree(tiny_run[0], out)
     prompts = tmp_path / "questions.jsonl"

@@ -9,8 +9,8 @@ from mtplab.errors import MtplabError
 from mtplab.inference.engine import Engine, Request
 from mtplab.inference.sampling import SamplingParams
 from mtplab.models.transformer import Transformer
-from tests.inference.test_speculative import Enumerator, plain_distribution
-from tests.models.test_features import FEATURES
+from tests.conftest import FEATURES
+from tests.inference.conftest import Enumerator, plain_distribution
 
 FAMILIES = {"parallel": dict(mtp="parallel", n_future=3, head_layers=1),
             "parallel-2-blocks": dict(mtp="parallel", n_future=3, head_layers=2),

@@ -11,9 +11,9 @@ from mtplab.inference.sampling import SamplingParams
 from mtplab.inference.tree import DraftTree
 from mtplab.models.kv_cache import KVCache
 from mtplab.models.layers import tree_ancestors
-from tests.inference.test_speculative import (max_gap, plain_distribution, random_model, spec_ids,
-                                              speculative_distribution)
-from tests.models.test_features import FEATURES, build
+from tests.conftest import FEATURES, feature_model
+from tests.inference.conftest import (max_gap, plain_distribution, random_model, spec_ids,
+                                      speculative_distribution)
 
 TREE_FAMILIES = ["parallel", "medusa", "slots", "sequential"]  # the last grows its trees step by step
 BUSHY = DraftTree.parse("0 1 2 0.0 0.1 1.0 0.0.0 0.1.0")
@@ -58,7 +58,7 @@ def test_every_tree_node_sees_exactly_its_branch(case):
     """A tree of new tokens after a cached prompt, two rows at different lengths, one of them a
     tree and one a chain: each node's hidden states equal a plain forward of prompt + its branch,
     for every trunk feature (windows, smear, value embeddings, loops, GQA, softcap, ...)."""
-    model = build(**FEATURES[case])
+    model = feature_model(**FEATURES[case])
     n_heads = 1 if model.config.mtp == "sequential" else model.n_future
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 61, (1, n), generator=g) for n in (9, 6)]

@@ -16,21 +16,14 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf
 
-from mtplab.config import ModelConfig  # noqa: E402
 from mtplab.inference.generate import generate_ids  # noqa: E402
-from mtplab.models.checkpoint import load_model, save_checkpoint  # noqa: E402
 from mtplab.interop.hf_export import absolute_imports, export_hf, remote_code  # noqa: E402
 from mtplab.interop.hf_remote.modeling_mtplab import CACHE_FIELD  # noqa: E402
-from mtplab.models.transformer import Transformer  # noqa: E402
 from mtplab.tokenizer import Tokenizer  # noqa: E402
-from tests.conftest import shared_path  # noqa: E402
-from tests.test_cli import assert_one_line_error, run_cli  # noqa: E402
+from tests.conftest import assert_one_line_error, run_cli, shared_path  # noqa: E402
+from tests.interop.conftest import (CHECKPOINT_BASE, PROMPT, SPECIALS, greedy_hf,  # noqa: E402
+                                    make_checkpoint)
 
-CORPUS = ["Ava has 3 apples. Then Ava buys 5 more apples. How many apples does Ava have now?",
-          "Ben had 12 pears and gave 4 away. #### 8", "The meaning of life is to live."] * 20
-SPECIALS = ["<pad>", "<empty>", "<system>", "<user>", "<assistant>"]
-# init_std 0.3: a tiny random model with the usual 0.02 repeats one token; this one varies its output
-BASE = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=4, max_seq_len=48, init_std=0.3)
 NANOCHAT = dict(norm_affine=False, embed_norm=True, rope_base=1e5, qk_norm=True, qk_scale=1.2,
                 window_pattern="SSSL", window=5, value_embeds=True, ve_gate_channels=12, n_layers=4,
                 layer_lambdas=True, smear=8, backout=True, logit_softcap=15.0, head_layers=0,
@@ -45,24 +38,6 @@ FAMILIES = {
     "looped": dict(n_layers=4, loop_layers=2, n_think_loops=2, n_kv_heads=2, d_ff=64, mlp="swiglu",
                    low_rank=8, head_layers=0),
 }
-PROMPT = "Ava has 3 apples. Then"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.train(CORPUS, vocab_size=300, special_tokens=SPECIALS)
-
-
-def make_checkpoint(path, tokenizer, seed=0, **overrides):
-    """A random model saved as an mtplab checkpoint, and the model mtplab loads back from it."""
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**{**BASE, **overrides}))
-    with torch.no_grad():  # move scalars and fresh heads off their neutral start
-        for name, p in model.named_parameters():
-            if p.dim() < 2 or name.startswith("heads."):
-                p.add_(0.3 * torch.randn_like(p))
-    save_checkpoint(path, model, tokenizer)
-    return load_model(path)[0]
 
 
 def load_hf(directory):
@@ -76,14 +51,6 @@ def exported(tmp_path, tokenizer, deepseek_layout=False, **overrides):
     model = make_checkpoint(tmp_path / "ckpt", tokenizer, **overrides)
     out = export_hf(tmp_path / "ckpt", tmp_path / "hf", deepseek_layout=deepseek_layout)
     return model, out
-
-
-def greedy_hf(hf, prompt, n):
-    """HF greedy tokens after the prompt, up to (not including) end-of-text, as mtplab yields them."""
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, use_cache=True)
-    tokens = out[0, len(prompt):].tolist()
-    eos = hf.generation_config.eos_token_id
-    return tokens[:tokens.index(eos)] if eos in tokens else tokens
 
 
 def logit_delta(got, want):
@@ -135,7 +102,7 @@ def test_deepseek_layout_names_and_parity(tmp_path, tokenizer):
     assert config["num_nextn_predict_layers"] == 2
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         names = set(f.keys())
-    n = BASE["n_layers"]
+    n = CHECKPOINT_BASE["n_layers"]
     for j in range(2):  # the MTP modules follow the trunk's n layers
         for part in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "input_layernorm.weight",
                      "self_attn.q_proj.weight", "post_attention_layernorm.weight", "mlp.up_proj.weight"):

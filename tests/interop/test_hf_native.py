@@ -21,8 +21,8 @@ from mtplab.interop.convert import convert  # noqa: E402
 from mtplab.interop.hf_export import export  # noqa: E402
 from mtplab.interop.hf_native import misfit_message  # noqa: E402
 from mtplab.config import ModelConfig  # noqa: E402
-from tests.interop.test_hf_export import PROMPT, greedy_hf, make_checkpoint, tokenizer  # noqa: E402,F401
-from tests.test_cli import assert_one_line_error, run_cli  # noqa: E402
+from tests.conftest import assert_one_line_error, run_cli  # noqa: E402
+from tests.interop.conftest import PROMPT, greedy_hf, make_checkpoint  # noqa: E402
 
 # aomts-100m-tiny's flags in miniature: RoPE, RMSNorm, SwiGLU, no biases, here with GQA
 LLAMA = dict(mlp="swiglu", norm="rmsnorm", pos="rope", n_kv_heads=2, d_ff=48, rope_base=5000.0,

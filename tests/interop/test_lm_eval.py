@@ -36,7 +36,7 @@ from mtplab.evaluation.exact_match import is_correct  # noqa: E402
 from mtplab.inference.decode import generate  # noqa: E402
 from mtplab.models.checkpoint import load_model  # noqa: E402
 from mtplab.interop.hf_export import export_hf  # noqa: E402
-from tests.test_cli import run_cli  # noqa: E402
+from tests.conftest import run_cli  # noqa: E402
 
 PHRASINGS = ["What is {a} plus {b}?", "{a} + {b} = ?", "Add {b} to {a}.",
              "Ava has {a} apples and buys {b} more. How many apples does Ava have now?"]

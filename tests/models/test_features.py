@@ -6,41 +6,7 @@ import torch
 
 from mtplab.config import ModelConfig
 from mtplab.errors import MtplabError
-from mtplab.models.transformer import Transformer
-
-BASE = dict(vocab_size=61, d_model=32, n_layers=4, n_heads=4, max_seq_len=64)
-NANOCHAT = dict(norm_affine=False, embed_norm=True, rope_base=1e5, qk_norm=True, qk_scale=1.2,
-                window_pattern="SSSL", window=5, value_embeds=True, ve_gate_channels=12,
-                layer_lambdas=True, smear=8, backout=True, logit_softcap=15.0, head_layers=0)
-LOOPED = dict(n_layers=5, loop_layers=2, n_think_loops=3, low_rank=4, n_kv_heads=2, mlp="swiglu")
-FEATURES = {
-    "plain": {},
-    "parameterless-norm": dict(norm_affine=False, embed_norm=True),
-    "qk-norm": dict(qk_norm=True, qk_scale=1.2, rope_base=1e5),
-    "windows": dict(window_pattern="SSSL", window=5),
-    "value-embeds": dict(value_embeds=True, ve_gate_channels=12, n_kv_heads=2),
-    "lambdas": dict(layer_lambdas=True),
-    "smear": dict(smear=8),
-    "backout": dict(backout=True),
-    "softcap": dict(logit_softcap=3.0),
-    "relu2": dict(mlp="relu2"),
-    "nanochat": NANOCHAT,
-    "looped": LOOPED,
-    "looped-low-rank-gqa-windows": {**LOOPED, "window_pattern": "SL", "window": 4},
-    "everything": {**NANOCHAT, **LOOPED},
-    "nanochat-parallel-heads": {**NANOCHAT, "head_layers": 1, "n_future": 3},
-    "looped-sequential-heads": {**LOOPED, "mtp": "sequential", "n_future": 2},
-}
-
-
-def build(seed=0, **kw):
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**{**BASE, **kw})).eval()
-    with torch.no_grad():  # scalars start at neutral values; move them so every path shows
-        for name, p in model.named_parameters():
-            if p.dim() < 2:
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+from tests.conftest import FEATURE_BASE, FEATURES, LOOPED, NANOCHAT, feature_model
 
 
 def incremental(model, ids, chunks):
@@ -54,7 +20,7 @@ def incremental(model, ids, chunks):
 
 @pytest.mark.parametrize("name", FEATURES)
 def test_kv_cache_decoding_equals_the_full_forward(name):
-    model = build(**FEATURES[name])
+    model = feature_model(**FEATURES[name])
     ids = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids, n_heads=1)[0]
@@ -63,7 +29,7 @@ def test_kv_cache_decoding_equals_the_full_forward(name):
 
 
 def test_rollback_restores_the_smear_and_the_cache():
-    model = build(**NANOCHAT)
+    model = feature_model(**NANOCHAT)
     ids = torch.randint(0, 61, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(ids, n_heads=1)[0]
@@ -77,7 +43,7 @@ def test_rollback_restores_the_smear_and_the_cache():
 
 def test_a_token_outside_the_window_has_no_influence():
     # one short-window layer: position t sees only t-2..t, so token 0 cannot reach position 5
-    model = build(n_layers=1, window_pattern="S", window=3, head_layers=0)
+    model = feature_model(n_layers=1, window_pattern="S", window=3, head_layers=0)
     model.blocks[0].attn.window = 3  # the last layer is always full; make this one short
     ids = torch.randint(0, 61, (1, 8), generator=torch.Generator().manual_seed(3))
     other = ids.clone()
@@ -92,12 +58,12 @@ def test_a_token_outside_the_window_has_no_influence():
                                  dict(loop_layers=9), dict(n_think_loops=0), dict(smear=-1)])
 def test_bad_feature_settings_are_one_line_errors(bad):
     with pytest.raises(MtplabError) as err:
-        ModelConfig(**{**BASE, **bad})
+        ModelConfig(**{**FEATURE_BASE, **bad})
     assert "\n" not in str(err.value)
 
 
 def test_think_loops_change_compute_not_parameters():
-    model = build(**LOOPED)
+    model = feature_model(**LOOPED)
     ids = torch.randint(0, 61, (1, 12), generator=torch.Generator().manual_seed(4))
     n_params = model.num_parameters()
     with torch.no_grad():
@@ -115,7 +81,7 @@ def test_think_loops_change_compute_not_parameters():
 
 def test_defaults_keep_the_plain_trunk():
     # every feature off: same parameter names as before the features existed
-    names = set(dict(build().named_parameters()))
+    names = set(dict(feature_model().named_parameters()))
     assert not any(n.split(".")[0] in ("value_embeds", "resid_lambdas", "smear_gate", "think_gate")
                    for n in names)
     assert "blocks.0.attn_norm.weight" in names and "blocks.0.attn.q_proj.weight" in names

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mtplab.models.kv_cache import KVCache
-from tests.models.test_features import FEATURES, build
+from tests.conftest import FEATURES, feature_model
 
 FAMILIES = {"parallel": dict(mtp="parallel", n_future=3), "medusa": dict(mtp="medusa", n_future=3),
             "slots": dict(mtp="slots", n_future=3)}
@@ -25,7 +25,7 @@ def heads_for(model):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_left_padded_rows_equal_each_row_alone(case):
-    model = build(**CASES[case])
+    model = feature_model(**CASES[case])
     rows, n_heads = prompts(), heads_for(model)
     width = max(LENGTHS)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -45,7 +45,7 @@ def test_left_padded_rows_equal_each_row_alone(case):
 def test_rows_at_different_lengths_decode_as_alone(case):
     """Each row prefilled on its own into a shared cache, then three steps of 1 and 2 new tokens
     for every row at once (rows at different lengths): the same logits as each row alone."""
-    model = build(**CASES[case])
+    model = feature_model(**CASES[case])
     rows, n_heads = prompts(), heads_for(model)
     more = torch.randint(0, 61, (len(rows), 5), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -91,7 +91,7 @@ def test_outputs_at_one_position_per_row_equal_the_full_forward_and_fill_the_sam
     """A prefill that reads one position per row (the engine's) gets the heads' states there and
     leaves the cache exactly as the full forward does: the next step's logits agree."""
     config = dict(mtp="parallel", n_future=3, head_layers=2) if case == "two-layer-heads" else CASES[case]
-    model = build(**config)
+    model = feature_model(**config)
     rows, n_heads = prompts(), heads_for(model)
     width = max(LENGTHS)
     ids = torch.zeros(len(rows), width, dtype=torch.long)

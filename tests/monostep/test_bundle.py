@@ -1,5 +1,5 @@
-"""Seed 000's bundle -> mtplab checkpoint -> bundle, checked against tests/monostep/seed000.py's reading of
-the card: same keys, same logits, same block-greedy text, bit-exact round trips."""
+"""Seed 000's bundle -> mtplab checkpoint -> bundle, checked against tests/monostep/model_card.py's
+reading of the card: same keys, same logits, same block-greedy text, bit-exact round trips."""
 
 import argparse
 
@@ -14,9 +14,8 @@ from mtplab.monostep.bundle import export_bundle, read_bundle
 from mtplab.monostep.config import MonostepConfig
 from mtplab.monostep.model import Monostep
 from mtplab.tokenizer import Tokenizer
-from tests.monostep import seed000
-from tests.conftest import shared_path
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.monostep import model_card
+from tests.conftest import assert_one_line_error, run_cli, shared_path
 
 QUESTIONS = ["Ava has 3 apples and buys 4 more. How many apples?", "  What is 12 minus 5?  ", "Add 7 and 8."]
 CORPUS = ["Ava has 3 apples and buys 4 more. She has 7 apples. #### 7",
@@ -27,7 +26,7 @@ CORPUS = ["Ava has 3 apples and buys 4 more. She has 7 apples. #### 7",
 def tokenizer_dir(tmp_path_factory):
     """A small byte-level BPE whose eos is followed by seed 000's specials, as in GPT-2 + specials."""
     path = tmp_path_factory.mktemp("tok")
-    Tokenizer.train(CORPUS, 300, seed000.SPECIALS).save(path)
+    Tokenizer.train(CORPUS, 300, model_card.SPECIALS).save(path)
     return path
 
 
@@ -44,7 +43,7 @@ def small_config(vocab: int) -> dict:
 def make_bundle(tmp_path, tokenizer_dir, seed=0, adjust=None):
     tok = Tokenizer.from_path(tokenizer_dir)
     config = small_config(tok.vocab_size)
-    reference = seed000.random_model(config, seed)
+    reference = model_card.random_model(config, seed)
     if adjust:
         adjust(reference, tok)
     optimizer = torch.optim.AdamW(reference.parameters(), lr=3e-4)
@@ -52,12 +51,12 @@ def make_bundle(tmp_path, tokenizer_dir, seed=0, adjust=None):
     optimizer.step()  # a bundle carries real optimizer state
     optimizer.zero_grad()
     path = tmp_path / f"bundle{seed}.pt"
-    seed000.save_bundle(path, reference.eval(), config, optimizer)
+    model_card.save_bundle(path, reference.eval(), config, optimizer)
     return path, reference, tok, config
 
 
 def reference_text(reference, tok, config, question, max_new_tokens=64):
-    return seed000.generate(reference, lambda s: tok.hf.encode(s).ids,
+    return model_card.generate(reference, lambda s: tok.hf.encode(s).ids,
                             lambda ids: tok.hf.decode(ids, skip_special_tokens=True), question,
                             tok.token_to_id("<empty>"), tok.eos_id, config["max_len"], config["slots"],
                             max_new_tokens)
@@ -68,7 +67,7 @@ def test_seed_configuration_has_the_published_size_and_key_names():
     with torch.device("meta"):
         ours = Monostep(MonostepConfig(vocab_size=50262, d_model=64, n_layers=4, n_heads=4,
                                        max_seq_len=512, n_future=4, dropout=0.1))
-        theirs = seed000.Monostep(50262)
+        theirs = model_card.Monostep(50262)
     assert ours.num_parameters() == 16_567_960
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
 
@@ -177,16 +176,16 @@ def test_gpt2_tokenizer_matches_the_seeds_and_decodes_alike(tmp_path):
 
     gpt2 = shared_path("tokenizers", "gpt2")
     hf = AutoTokenizer.from_pretrained(gpt2)  # the card's tokenizer, from local files
-    hf.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": seed000.SPECIALS[1:]})
+    hf.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": model_card.SPECIALS[1:]})
     config = {"vocab_size": len(hf), "d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 64, "slots": 4}
-    reference = seed000.random_model(config, seed=5)
-    seed000.save_bundle(tmp_path / "b.pt", reference, config)
+    reference = model_card.random_model(config, seed=5)
+    model_card.save_bundle(tmp_path / "b.pt", reference, config)
     model, tokenizer = load_model(convert_bundle(tmp_path / "b.pt", gpt2, tmp_path / "ckpt"))
-    assert [tokenizer.token_to_id(t) for t in seed000.SPECIALS] == list(range(50257, 50262))
+    assert [tokenizer.token_to_id(t) for t in model_card.SPECIALS] == list(range(50257, 50262))
     for question in QUESTIONS:
         prompt = tokenizer.chat_prompt(question)
         assert tokenizer.encode(prompt) == hf(prompt, add_special_tokens=False).input_ids
-        expected = seed000.generate(reference, lambda s: hf(s, add_special_tokens=False).input_ids,
+        expected = model_card.generate(reference, lambda s: hf(s, add_special_tokens=False).input_ids,
                                     lambda ids: hf.decode(ids, skip_special_tokens=True), question,
                                     hf.convert_tokens_to_ids("<empty>"), hf.convert_tokens_to_ids("<|endoftext|>"),
                                     64, 4, 48)

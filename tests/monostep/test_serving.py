@@ -10,8 +10,7 @@ from mtplab.monostep.config import MonostepConfig
 from mtplab.monostep.model import Monostep
 from mtplab.serve import create_app
 from mtplab.tokenizer import Tokenizer
-from tests.serve.conftest import LiveServer
-from tests.serve.test_api import sse_chunks
+from tests.serve.conftest import LiveServer, sse_chunks
 
 Q = "Ava has 3 apples and buys 4 more. How many?"
 

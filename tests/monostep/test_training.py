@@ -12,7 +12,7 @@ from mtplab.errors import MtplabError
 from mtplab.models.checkpoint import load_model, load_weights
 from mtplab.monostep.bundle import read_bundle
 from mtplab.monostep.model import Monostep
-from tests.monostep import seed000
+from tests.monostep import model_card
 from tests.conftest import ROOT, shared_path
 
 RECIPE = ROOT / "recipes" / "monostep-gsm8k.toml"
@@ -39,7 +39,8 @@ def test_tiny_run_on_generated_problems_writes_the_seeds_artefacts(tmp_path):
     assert isinstance(bundle["sample_output"], str)
     # the bundle is the seed's format: its classes load it strictly
     c = bundle["config"]
-    reference = seed000.Monostep(c["vocab_size"], c["d_model"], c["n_layers"], c["n_heads"], c["max_len"], c["slots"])
+    reference = model_card.Monostep(c["vocab_size"], c["d_model"], c["n_layers"], c["n_heads"], c["max_len"],
+                                    c["slots"])
     reference.load_state_dict(bundle["model_state_dict"], strict=True)
     model, tokenizer = load_model(out)
     assert isinstance(model, Monostep) and model.config.empty_token == tokenizer.token_to_id("<empty>")

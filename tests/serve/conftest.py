@@ -50,6 +50,20 @@ class LiveServer:
         self.sock.close()
 
 
+def client(server, key="unused", **kw):
+    """The official `openai` client pointed at `server`, without retries."""
+    import openai  # only the tests that talk through it need it installed
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=30, **kw)
+
+
+def sse_chunks(server, path, body, headers=None):
+    """Raw `data:` payloads of a streamed answer, [DONE] included."""
+    with httpx.stream("POST", server.url + path, json=body, headers=headers, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+
+
 class Run:
     """One request as the engine saw it: its row, how many events it produced, whether it was
     cancelled (the client left or a stop string) rather than finished."""

@@ -9,20 +9,10 @@ import pytest
 
 import mtplab
 from mtplab.cli import main
+from tests.serve.conftest import client, sse_chunks
 
 Q = "Ava has 3 apples. Then Ava buys 2 more apples. How many apples does Ava have now?"
 N = 24  # tokens per answer: small, the tests are about plumbing
-
-
-def client(server, key="unused", **kw):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=30, **kw)
-
-
-def sse_chunks(server, path, body, headers=None):
-    """Raw `data:` payloads of a streamed answer, [DONE] included."""
-    with httpx.stream("POST", server.url + path, json=body, headers=headers, timeout=30) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        return [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
 
 
 def test_health_and_models(live, tiny):

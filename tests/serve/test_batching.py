@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 import mtplab
-from tests.serve.test_api import client, sse_chunks
+from tests.serve.conftest import client, sse_chunks
 
 # (chat?, prompt, max_tokens, stream?, speculative): different lengths, limits and decoders at once
 REQUESTS = [
