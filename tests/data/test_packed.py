@@ -1,9 +1,11 @@
-"""Text corpora: a folder of books, Project Gutenberg boilerplate, whole books held out."""
+"""Text corpora: a folder of books, Project Gutenberg boilerplate, whole books held out; packed
+token files that read back what was written and refuse a truncated copy."""
 
+import numpy as np
 import pytest
 
 from mtplab.config import load_config
-from mtplab.data.packed import read_text_files, strip_gutenberg, text_files
+from mtplab.data.packed import open_tokens, pack_tokens, read_text_files, strip_gutenberg, text_files
 from mtplab.data.pipeline import load_examples
 from mtplab.errors import MtplabError
 from tests.conftest import shared_path
@@ -55,3 +57,19 @@ def test_the_gutenberg_bundle_loses_its_licence():
     texts = read_text_files(files[:3])
     assert all("PROJECT GUTENBERG" not in t and "Gutenberg License" not in t for t in texts)
     assert texts[0].startswith("ALICE’S ADVENTURES IN WONDERLAND")
+
+
+@pytest.mark.parametrize("vocab,dtype", [(500, np.uint16), (70000, np.uint32)])
+def test_packed_tokens_round_trip(tmp_path, vocab, dtype):
+    docs = [[1, 2, 3], [], [vocab - 1, 4]]
+    tokens = pack_tokens(docs, eos_id=0, out=tmp_path / "t.bin", vocab_size=vocab)
+    assert tokens.dtype == dtype
+    assert open_tokens(tmp_path / "t.bin").tolist() == [1, 2, 3, 0, vocab - 1, 4, 0]
+
+
+def test_truncated_packed_file_is_detected(tmp_path):
+    pack_tokens([[1, 2, 3, 4]], eos_id=0, out=tmp_path / "t.bin", vocab_size=10)
+    with open(tmp_path / "t.bin", "r+b") as f:
+        f.truncate(4)
+    with pytest.raises(MtplabError, match="truncated"):
+        open_tokens(tmp_path / "t.bin")

@@ -1,17 +1,19 @@
-"""decode_batch / decode_many: many prompts in one engine give each prompt exactly what it gets
-alone, in input order, whatever the batch size."""
+"""Text in, text out: `decode` picks plain, speculative or another architecture's decoding; text
+streams in pieces that join to the full decode; decode_batch / decode_many give many prompts in one
+engine exactly what each gets alone, in input order, whatever the batch size."""
 
 import pytest
 import torch
 
 from mtplab.config import ModelConfig
 from mtplab.errors import MtplabError
-from mtplab.inference.decode import decode, decode_batch, decode_many, generate
-from mtplab.inference.generate import generate_ids, generate_speculative
+from mtplab.inference.decode import TextDecoder, decode, decode_batch, decode_many, generate, stream
+from mtplab.inference.generate import generate_ids, generate_plain, generate_speculative
 from mtplab.inference.sampling import SamplingParams
 from mtplab.monostep.config import MonostepConfig
 from mtplab.monostep.model import Monostep
 from mtplab.models.transformer import Transformer
+from mtplab.tokenizer import Tokenizer
 
 
 def random_model(family="parallel", seed=0):
@@ -29,6 +31,65 @@ def alone(model, prompt, n, params=SamplingParams(), eos_id=None, speculative=Fa
     if speculative:
         return [t for e in generate_speculative(model, prompt, n, params, eos_id) for t in e.tokens]
     return generate_ids(model, prompt, n, params, eos_id)
+
+
+def events(decoded):
+    return [(e.tokens, e.drafts, e.finished) for e in decoded]
+
+
+def test_decode_speculates_by_default_only_when_the_model_has_draft_heads():
+    model = random_model()
+    prompt = [3, 1, 4, 1, 5]
+    speculative = events(generate_speculative(model, prompt, 12))
+    plain = events(generate_plain(model, prompt, 12))
+    assert any(drafts for _, drafts, _ in speculative) and not any(drafts for _, drafts, _ in plain)
+    assert events(decode(model, prompt, 12)) == speculative
+    assert events(decode(model, prompt, 12, speculative=False)) == plain
+    assert events(decode(model, prompt, 12, n_draft=1)) == events(generate_speculative(model, prompt, 12,
+                                                                                       n_draft=1))
+    torch.manual_seed(0)
+    one_head = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
+                                       n_future=1)).eval()
+    assert events(decode(one_head, prompt, 12)) == events(generate_plain(one_head, prompt, 12))
+
+
+def test_text_decoder_pieces_join_to_the_full_decode_even_with_broken_utf8():
+    tok = Tokenizer.train(["plain ascii text " * 20], 300)
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+    lead, cont = tok.token_to_id("Ã"), tok.token_to_id("©")  # the bytes 0xC3 and 0xA9: "é" when joined
+    for ids in ([a, lead, cont, b], [a, lead, b, cont], [lead], [a, cont, cont], [a, lead, lead, cont]):
+        decoder = TextDecoder(tok)
+        pieces = [decoder.feed([t]) for t in ids] + [decoder.flush()]
+        assert "".join(pieces) == tok.decode(ids), ids
+    decoder = TextDecoder(tok)
+    assert decoder.feed([a, lead]) == "a" and decoder.feed([cont]) == "é"  # a split character waits
+
+
+def test_streamed_text_joins_to_the_full_decode(tiny_run):
+    import mtplab
+
+    model, tok = mtplab.load(tiny_run[0])
+    pieces, streamed = zip(*stream(model, tok, "Ava has 3 apples.", chat=True, max_new_tokens=40))
+    ids = [t for e in streamed for t in e.tokens]
+    assert "".join(pieces) == tok.decode(ids)
+    assert ids == generate_ids(model, tok.encode(tok.chat_prompt("Ava has 3 apples.")), 40, eos_id=tok.eos_id)
+    assert generate(model, tok, "Ava has 3 apples.", chat=True, max_new_tokens=40) == "".join(pieces)
+    decoder = TextDecoder(tok)
+    emoji = tok.encode("🙂 ok")
+    assert len(emoji) > 2  # a character split over byte tokens
+    assert "".join(decoder.feed([i]) for i in emoji) == "🙂 ok"
+
+
+def test_generate_samples_with_a_seed_and_repeats_it(tiny_run):
+    import mtplab
+
+    model, tok = mtplab.load(tiny_run[0])
+    prompt = "Ben has 12 pens."
+    hot = dict(max_new_tokens=24, temperature=1.5, seed=5)
+    first = generate(model, tok, prompt, **hot)
+    assert first == generate(model, tok, prompt, **hot)
+    assert first != generate(model, tok, prompt, max_new_tokens=24, temperature=1.5, seed=6)
+    assert first != generate(model, tok, prompt, max_new_tokens=24)  # greedy by default
 
 
 @pytest.mark.parametrize("family", ["parallel", "sequential"])
