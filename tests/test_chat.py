@@ -64,4 +64,8 @@ def test_console_chat_reads_stdin_until_eof(tiny_run):
     done = subprocess.run([sys.executable, "-m", "mtplab", "chat", str(tiny_run[0]), "--max-new-tokens", "12"],
                           input=f"{Q1}\n", capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "model> " in done.stdout and "Traceback" not in done.stderr
+    model, tok = mtplab.load(tiny_run[0])
+    answer = mtplab.generate(model, tok, Q1, chat=True, max_new_tokens=12)
+    # one turn, then a last prompt that meets the end of input
+    assert done.stdout.splitlines()[1:] == [f"you> model> {answer}", "you> "], done.stdout
+    assert "Traceback" not in done.stderr

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -11,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import mtplab
 from mtplab import atomic
 from mtplab.cli import main
 from mtplab.config import load_config
 from mtplab.models.checkpoint import step_dirs
 from mtplab.training import trainer
-from tests.conftest import QUESTION, TINY, assert_one_line_error, run_cli
+from tests.conftest import QUESTION, TINY, assert_one_line_error, run_cli, shared_path
 
 
 def test_missing_checkpoint_directory(capsys, tmp_path):
@@ -51,10 +53,10 @@ def test_empty_corpus(capsys, tmp_path):
 
 def test_generate_and_bad_sampling_values(capsys, tiny_run):
     out, _ = tiny_run
-    code, text, _ = run_cli(capsys, "generate", str(out), "--chat", "--prompt",
-                            "Ava has 3 apples. How many apples does Ava have now?",
-                            "--max-new-tokens", "24")
-    assert code == 0 and text.strip()
+    question = "Ava has 3 apples. How many apples does Ava have now?"
+    code, text, _ = run_cli(capsys, "generate", str(out), "--chat", "--prompt", question, "--max-new-tokens", "24")
+    model, tokenizer = mtplab.load(out)
+    assert code == 0 and text == mtplab.generate(model, tokenizer, question, chat=True, max_new_tokens=24) + "\n"
     code, _, err = run_cli(capsys, "generate", str(out), "--prompt", "x", "--top-p", "1.5")
     assert_one_line_error(code, err, "top_p")
 
@@ -66,10 +68,12 @@ def test_console_entry_point_trains_and_generates(tmp_path):
                            capture_output=True, text=True)
     assert train.returncode == 0, train.stderr
     assert "trained to step 12" in train.stdout
-    assert "step" in train.stderr  # the progress bar
+    assert re.search(r"train [0-9.]+M: 100%.*\| 12/12 \[", train.stderr), train.stderr  # the progress bar
     gen = subprocess.run([sys.executable, "-m", "mtplab", "generate", str(out), "--prompt", "Ava has",
                           "--max-new-tokens", "8"], capture_output=True, text=True)
-    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr
+    model, tokenizer = mtplab.load(out)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout == mtplab.generate(model, tokenizer, "Ava has", max_new_tokens=8) + "\n"
 
 
 def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
@@ -78,12 +82,14 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     lines = []
     summary = run_demo(tmp_path / "demo", ["train.steps=6", "train.eval_every=6", "data.n_train=300",
                                            "data.n_eval=4"], progress=False, say=lines.append)
-    assert summary["held_out_problems"] == 4 and 0 <= summary["held_out_accuracy"] <= 1
+    answers = [json.loads(line) for line in (tmp_path / "demo" / "eval.jsonl").read_text().splitlines()]
+    assert summary["held_out_problems"] == len(answers) == 4
+    assert summary["held_out_accuracy"] == sum(a["correct"] for a in answers) / 4
     assert 2e6 <= summary["parameters"] <= 5e6
     assert len(summary["final_eval_loss_per_head"]) == 4
     for name in ["demo.json", "eval.jsonl", "loss.png", "model.safetensors"]:
         assert (tmp_path / "demo" / name).is_file()
-    assert any("accuracy" in line for line in lines)
+    assert f"held-out exact-match accuracy: {summary['held_out_accuracy']:.1%} of 4 problems" in lines
     assert summary["identical"] and summary["tree_identical"] and summary["tree"] == "0 1 2 0.0 0.1 1.0 0.0.0 0.0.1 0.1.0"
     assert any(line.startswith("  with a tree of 9 drafts instead of the chain: ") for line in lines)
     assert "on the CPU: 6 steps of" in lines[0] and "auto" not in lines[0]  # the header in plain words
@@ -161,7 +167,14 @@ def test_eval_gsm8k_loss_and_ppl(capsys, tiny_run, tmp_path):
     corpus.write_text("Ava has 3 apples. Then Ava buys 2 more apples.\n" * 20)
     code, text, _ = run_cli(capsys, "eval", str(out), "--task", "ppl", "--data", str(corpus), "--json")
     ppl = json.loads(text)
-    assert code == 0 and ppl["perplexity"] > 1 and ppl["bits_per_byte"] > 0
+    vocab_real = json.loads((out / "config.json").read_text())["model"]["vocab_real"]
+    assert code == 0 and ppl["perplexity"] == pytest.approx(math.exp(ppl["nats_per_token"]))
+    assert ppl["perplexity"] < vocab_real / 2  # in-distribution text: far better than uniform guessing
+    # every token after the first is scored once; bits per byte spreads their nats over the file's bytes
+    n_tokens = len(mtplab.load(out)[1].encode(corpus.read_text()))
+    assert ppl["tokens"] == n_tokens - 1
+    assert ppl["bits_per_byte"] == pytest.approx(ppl["nats_per_token"] * ppl["tokens"] / math.log(2)
+                                                 / len(corpus.read_bytes()))
 
 
 def test_eval_bad_data(capsys, tiny_run, tmp_path):
@@ -174,13 +187,16 @@ def test_eval_bad_data(capsys, tiny_run, tmp_path):
 
 
 def test_eval_on_gsm8k_test_split(capsys, tiny_run, tmp_path):
-    from tests.conftest import shared_path
-
     data = shared_path("gsm8k", "test.jsonl")
     out, _ = tiny_run
+    rows_file = tmp_path / "g.jsonl"
     code, text, _ = run_cli(capsys, "eval", str(out), "--task", "gsm8k", "--data", str(data), "--limit", "2",
-                            "--max-new-tokens", "16", "--out", str(tmp_path / "g.jsonl"))
-    assert code == 0 and "of 2" in text
+                            "--max-new-tokens", "16", "--out", str(rows_file))
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    firsts = [json.loads(line)["question"] for line in data.read_text().splitlines()[:2]]
+    assert [r["question"] for r in rows] == firsts  # --limit 2: the file's first two problems
+    accuracy = sum(r["correct"] for r in rows) / 2
+    assert code == 0 and text == f"GSM8K exact match: {accuracy:.2%} of 2 ({rows_file})\n"
 
 
 # -- batched: generate --prompts, eval --batch-size, bench's columns ---------------------------------

@@ -95,5 +95,10 @@ def test_info_on_a_checkpoint_counts_the_real_model(capsys, tiny_run):
     summary = json.loads(capsys.readouterr().out)
     assert summary["parameters"] == result.model.num_parameters()
     assert sum(summary["breakdown"].values()) == summary["parameters"]
+    assert main(["info", str(RECIPES / "demo.toml"), "--json"]) == 0
+    demo = json.loads(capsys.readouterr().out)
     assert main(["info", str(RECIPES / "demo.toml")]) == 0
-    assert "parameters:" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert f"parameters: {demo['parameters']:,}" in lines  # the text says what the JSON counts
+    b = demo["breakdown"]
+    assert f"  embeddings {b['embeddings']:,}   trunk {b['trunk']:,}   heads {b['heads']:,}" in lines

@@ -89,7 +89,12 @@ def test_eval_tasks_on_a_monostep_checkpoint(monostep_checkpoint):
     assert ppl["tokens"] == len(ids) - 1  # every token but the first, once
     first = [F.cross_entropy(model(torch.tensor([ids[max(0, i - 24):i]]))[0, :1], torch.tensor([ids[i]])).item()
              for i in range(1, 6)]  # slot 0 on the first positions, by hand
-    assert ppl["nats_per_token"] > 0 and "slot 0" in summary
+    # by hand: the text in windows of 24 tokens, each scoring its 23 positions after its first token,
+    # every position with the window's tokens before it, through slot 0
+    by_hand = [F.cross_entropy(model(torch.tensor([ids[start:i]]))[0, :1], torch.tensor([ids[i]])).item()
+               for start in range(0, len(ids) - 1, 23) for i in range(start + 1, min(start + 24, len(ids)))]
+    assert ppl["nats_per_token"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
+    assert f"{ppl['tokens']:,} tokens (slot 0): {ppl['nats_per_token']:.4f} nats/token" in summary
     assert sum(first) / 5 == pytest.approx(
         monostep_block_loss(_first(model), BlockBatches([(ids[:1], ids[1:6])], 1, 8, 0, -1, 24))["loss"], abs=1e-5)
     acc, _ = evaluate_task(model, tok, "gsm8k", str(out / "qa.jsonl"), max_new_tokens=8, out=out / "rows.jsonl")
