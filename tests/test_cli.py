@@ -262,8 +262,10 @@ def test_eval_batched_gives_the_per_example_outputs_of_batch_1(capsys, tiny_run,
         dest = tmp_path / f"rows{batch}{mode}.jsonl"
         code, text, err = run_cli(capsys, "eval", str(out), "--task", "gsm8k", "--data", str(data),
                                   "--max-new-tokens", "32", "--batch-size", batch, mode, "--out", str(dest))
-        assert code == 0 and "of 6" in text and "answering" in err  # the progress bar
         rows[batch, mode] = [json.loads(l) for l in dest.read_text().splitlines()]
+        accuracy = sum(r["correct"] for r in rows[batch, mode]) / 6
+        assert code == 0 and text == f"GSM8K exact match: {accuracy:.2%} of 6 ({dest})\n"
+        assert re.search(r"answering: 100%.*\| 6/6 \[", err), err  # the progress bar
     first, *others = rows.values()
     assert len(first) == 6 and all(r == first for r in others)
 

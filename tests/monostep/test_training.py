@@ -11,7 +11,7 @@ import mtplab
 from mtplab.config import load_config
 from mtplab.errors import MtplabError
 from mtplab.models.checkpoint import load_model, load_weights
-from mtplab.monostep.bundle import read_bundle
+from mtplab.monostep.bundle import SAMPLE_QUESTION, read_bundle
 from mtplab.monostep.model import Monostep
 from tests.monostep import model_card
 from tests.conftest import ROOT, shared_path
@@ -37,7 +37,6 @@ def test_tiny_run_on_generated_problems_writes_the_seeds_artefacts(tmp_path):
     assert bundle["train_history"] == history["train_loss"] and bundle["eval_history"] == history["eval_loss"]
     assert bundle["config"]["slots"] == 4 and bundle["config"]["epochs"] == 3
     assert bundle["optimizer_state_dict"]["state"]  # the optimizer as it ended
-    assert isinstance(bundle["sample_output"], str)
     # the bundle is the seed's format: its classes load it strictly
     c = bundle["config"]
     reference = model_card.Monostep(c["vocab_size"], c["d_model"], c["n_layers"], c["n_heads"], c["max_len"],
@@ -45,6 +44,9 @@ def test_tiny_run_on_generated_problems_writes_the_seeds_artefacts(tmp_path):
     reference.load_state_dict(bundle["model_state_dict"], strict=True)
     model, tokenizer = load_model(out)
     assert isinstance(model, Monostep) and model.config.empty_token == tokenizer.token_to_id("<empty>")
+    # the bundle's sample is the trained model's greedy answer to the card's question
+    assert bundle["sample_output"] == mtplab.generate(model, tokenizer, SAMPLE_QUESTION, chat=True,
+                                                      max_new_tokens=128)
     assert len(result.eval_head_losses) == 4
 
 

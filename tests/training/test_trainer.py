@@ -1,4 +1,5 @@
 import json
+import re
 import time
 
 import pytest
@@ -81,7 +82,9 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, 
     newest = out / "checkpoints" / "step-000020" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:1000])  # a disk that lost the end of the file
     result = trainer.train(load_config(TINY, SMALL), out, resume=True, progress=False)
-    assert "skipping" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert f"mtplab: skipping {newest.parent}: " in err  # the damaged step, named
+    assert re.search(r"mtplab: resuming from step (\d+) ", err).group(1) != "20"  # and an older one used
     assert result.step == 20
     for k, v in straight.model.state_dict().items():
         assert torch.equal(v, result.model.state_dict()[k]), k
