@@ -54,9 +54,11 @@ def test_empty_corpus(capsys, tmp_path):
 def test_generate_and_bad_sampling_values(capsys, tiny_run):
     out, _ = tiny_run
     question = "Ava has 3 apples. How many apples does Ava have now?"
-    code, text, _ = run_cli(capsys, "generate", str(out), "--chat", "--prompt", question, "--max-new-tokens", "24")
+    code, text, _ = run_cli(capsys, "generate", str(out), "--chat", "--prompt", question,
+                            "--max-new-tokens", "24")
     model, tokenizer = mtplab.load(out)
-    assert code == 0 and text == mtplab.generate(model, tokenizer, question, chat=True, max_new_tokens=24) + "\n"
+    assert code == 0
+    assert text == mtplab.generate(model, tokenizer, question, chat=True, max_new_tokens=24) + "\n"
     code, _, err = run_cli(capsys, "generate", str(out), "--prompt", "x", "--top-p", "1.5")
     assert_one_line_error(code, err, "top_p")
 

@@ -3,7 +3,7 @@ import torch
 
 from mtplab.config import ModelConfig
 from mtplab.inference.generate import generate_ids, generate_plain
-from mtplab.inference.sampling import SamplingParams, next_token_probs
+from mtplab.inference.sampling import SamplingParams
 from mtplab.models.transformer import Transformer
 
 

@@ -46,7 +46,8 @@ def test_top_k_at_or_above_the_vocabulary_changes_nothing():
                               PROBS.unsqueeze(0))
 
 
-@pytest.mark.parametrize("top_p,kept", [(0.39, 1), (0.41, 2), (0.64, 2), (0.66, 3), (0.84, 3), (0.86, 4), (0.99, 5)])
+@pytest.mark.parametrize("top_p,kept", [(0.39, 1), (0.41, 2), (0.64, 2), (0.66, 3), (0.84, 3), (0.86, 4),
+                                        (0.99, 5)])
 def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_p(top_p, kept):
     probs = next_token_probs(LOGITS, SamplingParams(temperature=1.0, top_p=top_p))[0]
     assert torch.count_nonzero(probs) == kept, probs

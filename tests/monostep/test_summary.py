@@ -13,7 +13,8 @@ def test_parameters_by_part_add_up_to_the_model():
     model = Monostep(CONFIG)
     assert summary["parameters"] == model.num_parameters() == sum(summary["breakdown"].values())
     assert summary["breakdown"]["embeddings"] == (300 + 80) * 32  # token and position tables
-    assert summary["breakdown"]["heads"] == sum(p.numel() for p in model.slots.parameters()) + 32  # + init_state
+    slots = sum(p.numel() for p in model.slots.parameters())
+    assert summary["breakdown"]["heads"] == slots + 32  # and the 32-wide init_state
     assert (summary["heads"], summary["family"], summary["context"]) == (4, "monostep", 64)
 
 
