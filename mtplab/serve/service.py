@@ -139,9 +139,9 @@ class Service:
         except MtplabError as exc:
             raise APIError(400, str(exc), param="messages") from None
 
-    def plan(self, body: _Sampling, prompt: list[int], max_tokens: int | None) -> tuple[Any, int]:
-        """Validate what depends on the model; returns the worker's job (or decoder factory) and
-        the limit."""
+    def plan(self, body: _Sampling, prompt: list[int], max_tokens: int | None) -> tuple[Any, int, str]:
+        """Validate what depends on the model; returns the worker's job (or decoder factory), the
+        limit and the decoder: "tree", "chain" or "off"."""
         max_tokens = self._answer_room(prompt, max_tokens)
         problem = body.check_stop()
         if problem:
@@ -159,12 +159,12 @@ class Service:
         n_draft = (self.depth if body.n_draft is None else body.n_draft) if mode != "off" else 0
         if self.batched:
             job = EngineJob(self.tokenizer, prompt, max_tokens, params, n_draft, stops, tree=mode == "tree")
-            return job, max_tokens
+            return job, max_tokens, mode
 
         def start():
             return stream_pieces(model, self.tokenizer, prompt, max_tokens, params, mode != "off",
                                  n_draft, stops, self.decode_fn, self.tree if mode == "tree" else None)
-        return start, max_tokens
+        return start, max_tokens, mode
 
     def _answer_room(self, prompt: list[int], max_tokens: int | None) -> int:
         """The answer's token limit: max_tokens, or all the context the prompt leaves."""
@@ -232,7 +232,7 @@ class Service:
     async def respond(self, request: Request, body: _Sampling, prompt: list[int], max_tokens: int | None,
                       chat: bool):
         """Decode one request: a stream of chunks, or the whole answer once it is done."""
-        work, max_tokens = self.plan(body, prompt, max_tokens)
+        work, max_tokens, mode = self.plan(body, prompt, max_tokens)
         ticket = self.submit(work, body.think_loops)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -248,7 +248,7 @@ class Service:
             out = {**head, "choices": [choice], "mtplab": piece.extension()}
             if piece.finish_reason:
                 out["usage"] = usage(piece)
-                out["mtplab"].update(_summary(piece, body))
+                out["mtplab"].update(_summary(piece, mode))
             return out
 
         note = request.scope.setdefault("mtplab", {})  # Guard's: the access log reads the tokens
@@ -272,7 +272,7 @@ class Service:
         else:
             choice["text"] = text
         return {**head, "object": "chat.completion" if chat else "text_completion",
-                "choices": [choice], "usage": usage(last), "mtplab": _summary(last, body, pieces)}
+                "choices": [choice], "usage": usage(last), "mtplab": _summary(last, mode, pieces)}
 
 
 class EventStream(StreamingResponse):
@@ -301,9 +301,10 @@ def _usage_for(prompt_tokens: int) -> Callable[[Piece], dict]:
     return usage
 
 
-def _summary(last: Piece, body: _Sampling, pieces: list[Piece] | None = None) -> dict:
-    """The request's speculation figures, sent with the final chunk or answer."""
-    out = {"tau": round(last.tau, 4), "tokens_per_s": round(last.tokens_per_s, 2),
+def _summary(last: Piece, mode: str, pieces: list[Piece] | None = None) -> dict:
+    """The request's speculation figures, sent with the final chunk or answer; `speculative` says
+    which decoder it got ("tree", "chain" or "off"), whatever it asked."""
+    out = {"speculative": mode, "tau": round(last.tau, 4), "tokens_per_s": round(last.tokens_per_s, 2),
            "acceptance_by_position": [round(a, 4) for a in last.stats.acceptance_by_position]}
     if pieces is not None:
         out["accepted"] = [a for p in pieces for a in p.accepted]

@@ -71,6 +71,7 @@ def test_every_decoder_in_one_batch_answers_plain_greedy(serve_app, slow_engine,
     assert max(slow.widths) > 1  # they shared the batch
     rows = rows_by_prompt(slow, tiny[1])
     modes = [{None: default, True: default, False: "off"}.get(asked, asked) for _, asked in REQUESTS]
+    assert [chunks[-1]["speculative"] for _, chunks in answers] == modes  # the final chunk says which
     for (prompt, _), mode in zip(REQUESTS, modes):
         row = rows[prompt]
         expected = (WIDE if mode == "tree" else None, mode != "off")
@@ -90,6 +91,9 @@ def test_a_chain_server_verifies_the_default_tree_on_request(serve_app, slow_eng
     assert complete(server, "Ava has", None) == plain_greedy(tiny, "Ava has")
     rows = rows_by_prompt(slow, tiny[1])
     assert rows["Ben has"].tree == DraftTree.default(tiny[0].n_future - 1) and rows["Ava has"].tree is None
+    for asked, got in [("tree", "tree"), (None, "chain"), (False, "off")]:  # the whole answer says which
+        reply = httpx.post(server.url + "/v1/completions", json=body("Ben has", asked, False), timeout=60)
+        assert reply.json()["mtplab"]["speculative"] == got, asked
     card = httpx.get(server.url + "/v1/models/tiny", timeout=10).json()["mtplab"]
     assert (card["speculative"], card["draft_tree"]) == ("chain", "0 1 2")
 
