@@ -128,10 +128,8 @@ def stream_pieces(model, tokenizer, prompt: list[int], max_tokens: int, params: 
     """The pieces of one completion decoded on its own (`decode_fn`, verifying `tree` when given);
     the last has `finish_reason` set."""
     pieces = PieceMaker(tokenizer, max_tokens, stop)
-    # passed only when there is one: a decode_fn without a `tree` parameter serves the rest
-    with_tree = {"tree": tree} if tree is not None else {}
     for event in decode_fn(model, prompt, max_tokens, params, tokenizer.eos_id, speculative, n_draft,
-                           pieces.stats, **with_tree):
+                           pieces.stats, tree):
         piece = pieces.feed(event)
         yield piece
         if piece.finish_reason:

@@ -17,7 +17,7 @@ class CharTokenizer:
 
 
 def fake_decode(events):
-    def run(model, prompt, max_new_tokens, params, eos_id, speculative, n_draft, stats):
+    def run(model, prompt, max_new_tokens, params, eos_id, speculative, n_draft, stats, tree):
         yield from events
     return run
 
