@@ -102,6 +102,11 @@ class Heads(nn.Module):
         and for all heads. `attention`: one attention call's FLOPs; `unembed`: one unembedding's."""
         raise NotImplementedError
 
+    def draft_parameters(self) -> list[nn.Parameter]:
+        """The parameters only heads k >= 1 read: what self-distillation trains, leaving head 0
+        (the teacher, and every answer the model gives) exactly as it was."""
+        raise NotImplementedError
+
     def matmul_parameters(self, prefix: str = "") -> int:
         return sum(p.numel() for name, p in self.named_parameters() if name.startswith(prefix) and p.dim() == 2)
 
@@ -172,6 +177,9 @@ class ParallelHeads(Heads):
         for j, stack in enumerate(stacks):
             x = stack(x, mask, rotary, cache, keep=outputs_at if j == len(stacks) - 1 else None)
         return list(x.unbind(0))
+
+    def draft_parameters(self):
+        return [p for head in self.heads[1:] for p in head.parameters()]
 
     def flops_per_token(self, attention, unembed):
         n, per = len(self.heads), len(self.heads[0])
@@ -246,6 +254,9 @@ class SequentialHeads(Heads):
         if cache is not None:
             cache.advance(x.size(1))
         return out
+
+    def draft_parameters(self):
+        return list(self.modules_.parameters())  # depth 0 is the trunk itself
 
     def flops_per_token(self, attention, unembed):
         return unembed, 2 * self.matmul_parameters() + len(self.modules_) * attention + (1 + len(self.modules_)) * unembed
@@ -376,6 +387,9 @@ class MedusaHeads(Heads):
     def unembed_stacked(self, first, normed, unembedding):
         return torch.stack([self.unembed(first + i, x, unembedding) for i, x in enumerate(normed.unbind(-2))], -2)
 
+    def draft_parameters(self):
+        return list(self.parameters())  # head 0 is the trunk and the shared unembedding
+
     def flops_per_token(self, attention, unembed):
         return unembed, 2 * self.matmul_parameters() + unembed  # lm_heads: the others' unembeddings
 
@@ -422,6 +436,9 @@ class SlotHeads(Heads):
         # Recomputing slots < k from the trunk costs a few small MLPs and lets each head's loss
         # back-propagate on its own (losses.backward_heads), reaching the earlier slots it uses.
         return self.hidden_all(k + 1, trunk)[k]
+
+    def draft_parameters(self):
+        return [p for slot in self.slots[1:] for p in slot.parameters()]  # in_norm, init_state: slot 0's
 
     def flops_per_token(self, attention, unembed):
         return 2 * self.matmul_parameters("slots.0.") + unembed, 2 * self.matmul_parameters() + len(self.slots) * unembed
