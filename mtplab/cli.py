@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_arguments(sub.add_parser("bench", help="decode the same prompts plain and speculative; compare speed"))
     _calibrate_arguments(sub.add_parser("calibrate", help="choose the draft tree that decodes fastest on this machine; "
                                                           "store it with the checkpoint (--tree auto)"))
+    _distill_arguments(sub.add_parser("distill", help="train the draft heads on the model's own answers "
+                                                      "(self-distillation: more drafts accepted, head 0 unchanged)"))
     _eval_arguments(sub.add_parser("eval", help="score a checkpoint: GSM8K exact match, loss per head, perplexity"))
     _info_arguments(sub.add_parser("info", help="architecture summary: parameters by part, FLOPs per token"))
     _recipes_arguments(sub.add_parser("recipes", help="the packaged recipes: what each reproduces, parameters, "
@@ -160,6 +162,25 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1,
                    help="rows decoding together when steps are timed (the best tree depends on it)")
     p.add_argument("--dry-run", action="store_true", help="print the comparison, store nothing")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def _distill_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="the new checkpoint directory (the original is kept)")
+    p.add_argument("--data", default=None,
+                   help="prompts: jsonl questions (chat format) or a text file, one per line "
+                        "(default: built-in arithmetic questions, the demo's kind)")
+    p.add_argument("--chat", action="store_true", help="wrap text-file prompts in the chat template")
+    p.add_argument("--limit", type=int, default=1000, help="prompts used (the file's first N)")
+    p.add_argument("--held-out", type=int, default=32,
+                   help="of those, the last N are not trained on: tau before and after is measured on them")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16, help="answers per training step")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--max-new-tokens", type=int, default=96, help="longest answer generated")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
@@ -467,6 +488,65 @@ def cmd_calibrate(args) -> None:
         say(f"stored in {path}: generate --tree and bench use it")
 
 
+def cmd_distill(args) -> None:
+    import json
+    from pathlib import Path
+
+    from .data.synthetic import make_problems
+    from .evaluation.speed import bench_decoding
+    from .models.checkpoint import read_config, save_checkpoint, load_model
+    from .training.self_distill import distill_heads
+
+    out, source = Path(args.out), Path(args.checkpoint)
+    if out.exists() and (out.resolve() == source.resolve() or any(out.iterdir())):
+        raise MtplabError(f"{out} exists and is not empty; choose a new --out (the original checkpoint is kept)")
+    if args.limit < 1:
+        raise MtplabError(f"--limit must be >= 1, got {args.limit}")
+    model, tokenizer = load_model(args.checkpoint)
+    other = architecture_of(model)
+    if other is not None:
+        raise MtplabError(f"{args.checkpoint} is a {other.label} model: it {other.decoding}, with no draft heads")
+    if model.n_future < 2:
+        raise MtplabError(f"{args.checkpoint} has one head: there are no draft heads to distill")
+    if args.data is None:
+        prompts = [tokenizer.encode_chat(p["question"]) for p in make_problems(args.limit, seed=31_337, max_number=12)]
+    else:
+        prompts = read_prompts(args.data, tokenizer, args.chat)[:args.limit]
+    if not 0 <= args.held_out < len(prompts):
+        raise MtplabError(f"--held-out must be between 0 and {len(prompts) - 1} (there are {len(prompts)} prompts)")
+    train_on, held = prompts[:len(prompts) - args.held_out], prompts[len(prompts) - args.held_out:]
+    say = (lambda *_: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    say(f"distilling the {model.n_future - 1} draft heads of {args.checkpoint} on its own greedy answers to "
+        f"{len(train_on)} prompts ({len(held)} held out)")
+
+    def measure() -> dict:
+        r = bench_decoding(model, held, args.max_new_tokens, tokenizer.eos_id)
+        return {k: r[k] for k in ("tokens_per_forward", "speedup", "acceptance_by_position", "identical")}
+
+    before = measure() if held else None
+    report = distill_heads(model, train_on, tokenizer.eos_id, args.steps, args.batch_size, args.lr,
+                           args.max_new_tokens, args.seed, progress=not (args.quiet or args.json)).as_dict()
+    result = {"checkpoint": args.checkpoint, "out": str(out), **report, "before": before,
+              "after": measure() if held else None}
+    run = dict(read_config(args.checkpoint).get("run") or {})
+    run["self_distill"] = {"from": args.checkpoint, "steps": args.steps, "batch_size": args.batch_size,
+                           "lr": args.lr, "prompts": len(train_on), "seed": args.seed}
+    save_checkpoint(out, model, tokenizer, run, files={"distill.json": json.dumps(result, indent=2) + "\n"})
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"answers: {report['answers']} ({report['answer_tokens']:,} tokens, {report['generate_seconds']:.0f} s); "
+          f"{args.steps} steps in {report['train_seconds']:.0f} s, KL {report['first_loss']:.3f} -> "
+          f"{report['last_loss']:.3f}")
+    if held:
+        b, a = result["before"], result["after"]
+        accept = lambda r: " ".join(f"{x:.2f}" for x in r["acceptance_by_position"])  # noqa: E731
+        print(f"held-out tau {b['tokens_per_forward']:.2f} -> {a['tokens_per_forward']:.2f}, speed-up over "
+              f"plain {b['speedup']:.2f}x -> {a['speedup']:.2f}x, acceptance by draft position "
+              f"{accept(b)} -> {accept(a)}; output identical to plain greedy: {str(a['identical']).lower()}")
+    print(f"wrote {out} (head 0 unchanged; run `mtplab calibrate {out}` to re-pick its draft tree)")
+
+
 def cmd_bench(args) -> None:
     import json
 
@@ -639,7 +719,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
-            "bench": cmd_bench, "calibrate": cmd_calibrate, "eval": cmd_eval, "info": cmd_info, "recipes": cmd_recipes,
+            "bench": cmd_bench, "calibrate": cmd_calibrate, "eval": cmd_eval, "distill": cmd_distill, "info": cmd_info, "recipes": cmd_recipes,
             "demo": cmd_demo, "ablate": cmd_ablate, "export-hf": cmd_export_hf,
             "export": cmd_export, "convert": cmd_convert}
 
