@@ -169,8 +169,8 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="the new checkpoint directory (the original is kept)")
     p.add_argument("--data", default=None,
-                   help="prompts: jsonl questions (chat format) or a text file, one per line "
-                        "(default: built-in arithmetic questions, the demo's kind)")
+                   help="prompts, as generate --prompts reads them: jsonl (question: chat format; prompt) "
+                        "or a text file, one per line (default: built-in arithmetic questions, the demo's kind)")
     p.add_argument("--chat", action="store_true", help="wrap text-file prompts in the chat template")
     p.add_argument("--limit", type=int, default=1000, help="prompts used (the file's first N)")
     p.add_argument("--held-out", type=int, default=32,
@@ -500,8 +500,11 @@ def cmd_distill(args) -> None:
     out, source = Path(args.out), Path(args.checkpoint)
     if out.exists() and (out.resolve() == source.resolve() or any(out.iterdir())):
         raise MtplabError(f"{out} exists and is not empty; choose a new --out (the original checkpoint is kept)")
-    if args.limit < 1:
-        raise MtplabError(f"--limit must be >= 1, got {args.limit}")
+    for flag in ("limit", "steps", "batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise MtplabError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not args.lr > 0:
+        raise MtplabError(f"--lr must be > 0, got {args.lr}")
     model, tokenizer = load_model(args.checkpoint)
     other = architecture_of(model)
     if other is not None:
@@ -511,12 +514,13 @@ def cmd_distill(args) -> None:
     if args.data is None:
         prompts = [tokenizer.encode_chat(p["question"]) for p in make_problems(args.limit, seed=31_337, max_number=12)]
     else:
-        prompts = read_prompts(args.data, tokenizer, args.chat)[:args.limit]
+        prompts = load_prompt_file(args.data, tokenizer, args.chat)[1][:args.limit]
     if not 0 <= args.held_out < len(prompts):
         raise MtplabError(f"--held-out must be between 0 and {len(prompts) - 1} (there are {len(prompts)} prompts)")
     train_on, held = prompts[:len(prompts) - args.held_out], prompts[len(prompts) - args.held_out:]
     say = (lambda *_: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-    say(f"distilling the {model.n_future - 1} draft heads of {args.checkpoint} on its own greedy answers to "
+    drafts = model.n_future - 1
+    say(f"distilling the {drafts} draft head{'s' * (drafts > 1)} of {args.checkpoint} on its own greedy answers to "
         f"{len(train_on)} prompts ({len(held)} held out)")
 
     def measure() -> dict:
