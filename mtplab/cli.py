@@ -259,6 +259,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--distill-steps", type=int, default=80,
+                   help="self-distill the draft heads for N steps after training (0: not at all)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -719,7 +721,9 @@ def cmd_export(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, args.overrides, progress=not args.quiet)
+    if args.distill_steps < 0:
+        raise MtplabError(f"--distill-steps must be >= 0, got {args.distill_steps}")
+    run_demo(args.out, args.overrides, progress=not args.quiet, distill_steps=args.distill_steps)
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,

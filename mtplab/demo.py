@@ -17,8 +17,11 @@ from .errors import MtplabError
 from .evaluation.exact_match import evaluate_answers
 from .evaluation.speed import bench_decoding
 from .inference.decode import generate
+from .data.synthetic import make_problems
 from .inference.tree import DraftTree
+from .models.checkpoint import read_config, save_checkpoint
 from .training.run import pick_device
+from .training.self_distill import distill_heads
 from .training.trainer import train
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -33,7 +36,9 @@ def _fresh_dir(out: Path) -> None:
 
 
 def run_demo(out_dir: str | Path = "runs/demo", overrides: list[str] = (), progress: bool = True,
-             n_answer: int | None = None, say=print) -> dict:
+             n_answer: int | None = None, say=print, distill_steps: int = 80, distill_prompts: int = 1000) -> dict:
+    """Train, answer the held-out problems, then (distill_steps > 0) self-distill the draft heads on
+    the model's own answers to `distill_prompts` new questions, and measure decoding speed."""
     start = time.perf_counter()
     out = Path(out_dir)
     config = load_config(RECIPES / "demo.toml", list(overrides))
@@ -61,6 +66,20 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: list[str] = (), progr
         "held_out_problems": report["n"],
     }
     prompts = [tokenizer.encode_chat(p["question"]) for p in problems[:16]]
+    if distill_steps > 0:  # the heads learn head 0's own answers: more drafts pass, answers unchanged
+        before = bench_decoding(model, prompts, max_new_tokens=96, eos_id=tokenizer.eos_id)
+        questions = make_problems(distill_prompts, seed=31_337, max_steps=c.data.max_steps,
+                                  max_number=c.data.max_number)
+        say(f"self-distilling the draft heads on the model's own answers to {len(questions):,} new questions")
+        distilled = distill_heads(model, [tokenizer.encode_chat(q["question"]) for q in questions],
+                                  tokenizer.eos_id, steps=distill_steps, progress=progress)
+        run = dict(read_config(out).get("run") or {})
+        run["self_distill"] = {"steps": distill_steps, "prompts": len(questions)}
+        # the top-level files become the distilled model; checkpoints/step-N keeps the trained one
+        save_checkpoint(out, model, tokenizer, run, step=result.step)
+        summary.update({"distill_seconds": round(distilled.generate_seconds + distilled.train_seconds, 1),
+                        "tokens_per_forward_before_distill": before["tokens_per_forward"],
+                        "speedup_before_distill": before["speedup"]})
     tree = DraftTree.default(model.n_future - 1)
     speed = bench_decoding(model, prompts, max_new_tokens=96, eos_id=tokenizer.eos_id, tree=tree)
     summary.update({k: speed[k] for k in ("plain_tokens_per_s", "speculative_tokens_per_s", "speedup",
@@ -82,6 +101,10 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: list[str] = (), progr
         f"({speed['speculative_tokens_per_s']:.0f} vs {speed['plain_tokens_per_s']:.0f} plain), "
         f"{speed['tokens_per_forward']:.2f} tokens per decoding forward, acceptance by draft position {acc}, "
         f"output identical to plain greedy: {str(speed['identical']).lower()}")
+    if distill_steps > 0:
+        say(f"  the draft heads self-distilled ({summary['distill_seconds']:.0f} s): tau "
+            f"{summary['tokens_per_forward_before_distill']:.2f} -> {speed['tokens_per_forward']:.2f}, speed-up "
+            f"{summary['speedup_before_distill']:.2f}x -> {speed['speedup']:.2f}x (mtplab distill does this for any checkpoint)")
     say(f"  with a tree of {tree.size} drafts instead of the chain: {speed['tree_speedup']:.2f}x tokens/s, "
         f"{speed['tree_tokens_per_forward']:.2f} tokens per decoding forward, identical: "
         f"{str(speed['tree_identical']).lower()} (mtplab calibrate picks the faster one for a machine)")

@@ -83,7 +83,8 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
 
     lines = []
     summary = run_demo(tmp_path / "demo", ["train.steps=6", "train.eval_every=6", "data.n_train=300",
-                                           "data.n_eval=4"], progress=False, say=lines.append)
+                                           "data.n_eval=4"], progress=False, say=lines.append,
+                       distill_steps=2, distill_prompts=8)
     answers = [json.loads(line) for line in (tmp_path / "demo" / "eval.jsonl").read_text().splitlines()]
     assert summary["held_out_problems"] == len(answers) == 4
     assert summary["held_out_accuracy"] == sum(a["correct"] for a in answers) / 4
@@ -94,6 +95,10 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     assert f"held-out exact-match accuracy: {summary['held_out_accuracy']:.1%} of 4 problems" in lines
     assert summary["identical"] and summary["tree_identical"] and summary["tree"] == "0 1 2 0.0 0.1 1.0 0.0.0 0.0.1 0.1.0"
     assert any(line.startswith("  with a tree of 9 drafts instead of the chain: ") for line in lines)
+    assert "self-distilling the draft heads on the model's own answers to 8 new questions" in lines
+    assert any(line.startswith("  the draft heads self-distilled (") for line in lines)
+    distilled = json.loads((tmp_path / "demo" / "config.json").read_text())["run"]["self_distill"]
+    assert distilled == {"steps": 2, "prompts": 8} and summary["tokens_per_forward_before_distill"] >= 1
     assert "on the CPU: 6 steps of" in lines[0] and "auto" not in lines[0]  # the header in plain words
 
 
