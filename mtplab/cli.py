@@ -133,7 +133,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
-    p.add_argument("--prompts", help="text file, one prompt per line (.jsonl: questions, chat format)")
+    p.add_argument("--prompts", help="text file, one prompt per line (.jsonl: \"question\" rows in chat format, "
+                                      "or \"prompt\" rows; as generate --prompts reads them)")
     p.add_argument("--chat", action="store_true", help="wrap text-file prompts in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--n-draft", type=int, default=None)
@@ -154,7 +155,8 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True,
-                   help="held-out prompts: jsonl questions (chat format) or a text file, one per line")
+                   help="held-out prompts, as generate --prompts reads them: a text file (one per line) or "
+                        "jsonl (\"question\": chat format, or \"prompt\")")
     p.add_argument("--chat", action="store_true", help="wrap text-file prompts in the chat template")
     p.add_argument("--limit", type=int, default=256, help="prompts measured (the file's first N)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -453,22 +455,13 @@ def cmd_serve(args) -> None:
 
 
 def read_prompts(path: str | None, tokenizer, chat: bool) -> list[list[int]]:
-    """Prompt token ids from a text or jsonl file, or built-in held-out arithmetic questions."""
-    from pathlib import Path
-
-    from .data.qa import load_qa_jsonl
+    """Prompt token ids from a prompts file (as `generate --prompts` reads it), or built-in held-out
+    arithmetic questions without one."""
     from .data.synthetic import make_problems
 
     if path is None:
         return [tokenizer.encode_chat(p["question"]) for p in make_problems(8, seed=987_654, max_number=20)]
-    if path.endswith(".jsonl"):
-        return [tokenizer.encode_chat(ex["question"]) for ex in load_qa_jsonl(path)]
-    if not Path(path).is_file():
-        raise MtplabError(f"prompts file not found: {path}")
-    lines = [l for l in Path(path).read_text().splitlines() if l.strip()]
-    if not lines:
-        raise MtplabError(f"{path}: no prompts")
-    return [tokenizer.encode_chat(l) if chat else tokenizer.encode(l) for l in lines]
+    return load_prompt_file(path, tokenizer, chat)[1]
 
 
 def cmd_calibrate(args) -> None:

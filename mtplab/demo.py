@@ -46,7 +46,7 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: list[str] = (), progr
     c = config
     device = "a GPU" if pick_device(c.train.device).type == "cuda" else "the CPU"
     say(f"mtplab demo: {c.data.n_train:,} made-up arithmetic word problems (1 to {c.data.max_steps} steps "
-        f"each); training a model with {c.model.n_future} parallel heads on {device}: {c.train.steps} "
+        f"each); training a model with {c.model.n_future} {c.model.mtp} heads on {device}: {c.train.steps} "
         f"steps of {c.train.batch_size} problems")
     result = train(config, out, progress=progress)
     model, tokenizer = result.model.eval(), result.dataset.tokenizer

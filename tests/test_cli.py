@@ -257,6 +257,10 @@ def test_generate_prompts_bad_input(capsys, tiny_run, tmp_path):
     for verb in (["eval", str(out), "--task", "gsm8k", "--data", str(bad)], ["bench", str(out)]):
         code, _, err = run_cli(capsys, *verb, "--batch-size", "0")
         assert_one_line_error(code, err, "--batch-size must be >= 1")
+    # bench and calibrate read their prompts files the same way, with the same errors
+    for verb in (["bench", str(out), "--prompts"], ["calibrate", str(out), "--dry-run", "--data"]):
+        code, _, err = run_cli(capsys, *verb, str(bad))
+        assert_one_line_error(code, err, 'bad.jsonl:2: expected a non-empty string field "question" or "prompt"')
 
 
 def test_eval_batched_gives_the_per_example_outputs_of_batch_1(capsys, tiny_run, tmp_path):
