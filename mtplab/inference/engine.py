@@ -354,10 +354,13 @@ class Engine:
             if row.step_tree is not None:
                 row.drafts = row.step_tree.tokens(logits)
             return
-        for k in range(row.room()):
-            d, q = row.pick(logits[k], greedy[k])
-            row.drafts.append(d)
-            row.qs.append(q)
+        room = row.room()
+        if row.params.greedy:
+            row.drafts, row.qs = greedy[:room], [None] * room
+            return
+        qs = next_token_probs(logits[:room], row.params)  # [room, V]: every head's in one call
+        row.drafts = [row.chance.draw(q) for q in qs]
+        row.qs = list(qs)
 
     def _draft(self, rows: list[tuple[Row, list[torch.Tensor]]]) -> None:
         """Each row's drafts for its next step, from its heads at its last accepted position

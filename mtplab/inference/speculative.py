@@ -96,19 +96,23 @@ def verify_row(row, head0: torch.Tensor, greedy: list[int]) -> tuple[list[int], 
     argmax per position), up to the first rejection; when all pass, head 0's bonus token.
     The new tokens and, per token, whether it was an accepted draft (all count towards tau, the
     end-of-text and tokens past the length limit included: they measure the forward, not the answer)."""
+    n = len(row.drafts)
+    # sampling: head 0's distribution at every position in one call (per-position calls cost a
+    # dozen small kernels each; the rows of one call are the same numbers)
+    p = None if row.params.greedy else next_token_probs(head0[:n + 1], row.params)
     new, flags = [], []
     for i, d in enumerate(row.drafts):
         row.stats.proposed[i] += 1
-        if row.params.greedy:
+        if p is None:
             ok, t = greedy[i] == d, greedy[i]
         else:
-            ok, t = verify(next_token_probs(head0[i], row.params), row.qs[i], d, row.chance)
+            ok, t = verify(p[i], row.qs[i], d, row.chance)
         new.append(t)
         flags.append(ok)
         if not ok:
             row.stats.decoded += len(new)
             return new, flags
         row.stats.accepted[i] += 1
-    bonus, _ = row.pick(head0[len(row.drafts)], greedy[len(row.drafts)])
+    bonus = greedy[n] if p is None else row.chance.draw(p[n])
     row.stats.decoded += len(new) + 1
     return new + [bonus], flags + [False]

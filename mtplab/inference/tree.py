@@ -121,6 +121,8 @@ def verify_tree(row, tree: DraftTree, head0: torch.Tensor, greedy: list[int]) ->
     argmax per input position. The new tokens, per token whether it was an accepted draft, and
     the accepted nodes' input positions in order (the branch to keep in the cache)."""
     children, drafts = tree.children(), row.drafts
+    # sampling: head 0's distribution at every node in one call (one per visited node costs more)
+    probs = None if row.params.greedy else next_token_probs(head0, row.params)
     new, flags, path, at = [], [], [], 0
     while True:
         kids = children[at]
@@ -131,7 +133,7 @@ def verify_tree(row, tree: DraftTree, head0: torch.Tensor, greedy: list[int]) ->
             token = greedy[at]
             nxt = next((c for c in kids if drafts[c - 1] == token), None)
         else:
-            p, nxt = next_token_probs(head0[at], row.params), None
+            p, nxt = probs[at], None
             for c in kids:
                 x = drafts[c - 1]
                 if row.chance.accept(float(p[x]) / float(p.sum())):

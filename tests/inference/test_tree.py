@@ -171,8 +171,8 @@ class _Frozen:
     def __init__(self, probs):
         self.probs = probs
 
-    def __getitem__(self, i):
-        return self.probs[i]
+    def __getitem__(self, i):  # a node's row of every node's distributions stays frozen
+        return _Frozen(self.probs[i]) if self.probs.dim() > 1 else self.probs[i]
 
     def __setitem__(self, i, value):
         pass
