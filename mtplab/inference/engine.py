@@ -125,6 +125,22 @@ def rows_that_fit(model: Transformer, n_draft: int, budget_bytes: int, most: int
     return max(1, min(most, budget_bytes // per_row))
 
 
+def sampling_probs(rows: list[Row], logits: torch.Tensor) -> list[torch.Tensor | None]:
+    """Per row, its distributions from logits [R, ..., V] after its own temperature, top-k and
+    top-p (None for greedy rows): rows that share those parameters in one call, since a call costs
+    a dozen small kernels whatever its size."""
+    groups: dict[tuple, list[int]] = {}
+    for j, r in enumerate(rows):
+        if not r.params.greedy:
+            groups.setdefault((r.params.temperature, r.params.top_k, r.params.top_p), []).append(j)
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    for js in groups.values():
+        probs = next_token_probs(logits[js], rows[js[0]].params)
+        for i, j in enumerate(js):
+            out[j] = probs[i]
+    return out
+
+
 class Engine:
     def __init__(self, model: Transformer, max_batch: int = 16, n_draft: int = 0,
                  prefill_chunk: int = 256, reuse_prefix: int = 16, tree: DraftTree | None = None):
@@ -306,17 +322,18 @@ class Engine:
         else:
             head0 = self.model.logits(hidden[0])  # [R, T, V]
             greedy = head0.argmax(-1).tolist()
-        events, drafting = [], []
+        probs = sampling_probs(rows, head0)  # sampling rows: [T, V] each
+        events, drafting, merged_rows = [], [], []
         for j, r in enumerate(rows):
             r.stats.forwards += 1
             branch = None
             if r.step_tree is not None:
-                new, flags, path = verify_tree(r, r.step_tree, head0[j], greedy[j])
+                new, flags, path = verify_tree(r, r.step_tree, head0[j], greedy[j], probs[j])
                 self.cache.keep_path(j, self.cache.lengths[j], [0] + path)
                 at = path[-1] if path else 0  # the last accepted position: the next drafts' source
                 branch = r.step_tree.paths[at - 1] if at else ()
             else:
-                new, flags = verify_row(r, head0[j], greedy[j])
+                new, flags = verify_row(r, head0[j], greedy[j], probs[j])
                 at = sum(flags)
                 self.cache.lengths[j] += 1 + at
             drafts, r.drafts, r.qs, r.step_tree = r.drafts, [], [], None
@@ -338,16 +355,30 @@ class Engine:
             if r.finished:
                 continue
             if merged and r.drafter is None:
-                self._take_drafts(r, every[j, at, 1:], greedy_every[j][at][1:])
+                merged_rows.append((r, j, at))
             else:
                 drafting.append((r, [h[j, at] for h in hidden]))
+        if merged_rows:  # drafts from the heads' logits at each row's last accepted position
+            drafters, js, ats = zip(*merged_rows)
+            self._drafts_from(list(drafters), every[list(js), list(ats), 1:],
+                              [greedy_every[j][at][1:] for _, j, at in merged_rows])
         self._draft(drafting)
         return events
 
+    def _drafts_from(self, rows: list[Row], logits: torch.Tensor, greedy: list[list[int]]) -> None:
+        """Each row's drafts from its heads' logits (logits [R, m, V], greedy their argmax)."""
+        chains = [j for j, r in enumerate(rows) if r.tree is None]  # a tree's nodes are top ranks
+        probs: list[torch.Tensor | None] = [None] * len(rows)
+        for j, p in zip(chains, sampling_probs([rows[j] for j in chains], logits[chains])):
+            probs[j] = p
+        for j, r in enumerate(rows):
+            self._take_drafts(r, logits[j], greedy[j], probs[j])
+
     @staticmethod
-    def _take_drafts(row: Row, logits: torch.Tensor, greedy: list[int]) -> None:
+    def _take_drafts(row: Row, logits: torch.Tensor, greedy: list[int], probs: torch.Tensor | None = None) -> None:
         """Row's drafts from its heads' logits [m, V] at its last accepted position: its tree's
-        node tokens (cut to the room left), else a chain drawn head by head."""
+        node tokens (cut to the room left), else a chain drawn head by head (`probs` [m, V]: the
+        heads' distributions after the row's sampling parameters, if already computed)."""
         if row.tree is not None:
             room = row.room()  # the whole tree unless the token limit is near
             row.step_tree = row.tree if room >= row.tree.depth else row.tree.pruned(room)
@@ -358,7 +389,8 @@ class Engine:
         if row.params.greedy:
             row.drafts, row.qs = greedy[:room], [None] * room
             return
-        qs = next_token_probs(logits[:room], row.params)  # [room, V]: every head's in one call
+        qs = (next_token_probs(logits[:room], row.params) if probs is None  # [room, V]: in one call
+              else probs[:room])
         row.drafts = [row.chance.draw(q) for q in qs]
         row.qs = list(qs)
 
@@ -390,9 +422,7 @@ class Engine:
             trunk = torch.stack([h[-1] for _, h in rows])[:, None]  # [R, 1, D]
             states = [s[:, 0] for s in model.heads_hidden(trunk, 1 + m)[1:]]
         logits = model.stacked_logits(states, first=1)  # [R, m, V]
-        greedy = logits.argmax(-1).tolist()
-        for j, (r, _) in enumerate(rows):
-            self._take_drafts(r, logits[j], greedy[j])
+        self._drafts_from([r for r, _ in rows], logits, logits.argmax(-1).tolist())
 
     # -- convenience ----------------------------------------------------------------------------
     def stream(self, row: Row):

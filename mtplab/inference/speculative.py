@@ -91,15 +91,20 @@ class SpeculativeStats:
                 "tokens_per_s": self.tokens_per_second}
 
 
-def verify_row(row, head0: torch.Tensor, greedy: list[int]) -> tuple[list[int], list[bool]]:
+def verify_row(row, head0: torch.Tensor, greedy: list[int],
+               probs: torch.Tensor | None = None) -> tuple[list[int], list[bool]]:
     """One row's step: its drafts checked in order against head 0 (head0 [T, V], greedy its
     argmax per position), up to the first rejection; when all pass, head 0's bonus token.
     The new tokens and, per token, whether it was an accepted draft (all count towards tau, the
-    end-of-text and tokens past the length limit included: they measure the forward, not the answer)."""
+    end-of-text and tokens past the length limit included: they measure the forward, not the answer).
+    `probs` [T, V]: head 0's distributions after the row's sampling parameters, when the caller
+    computed them (the engine does, for all rows that share parameters at once)."""
     n = len(row.drafts)
     # sampling: head 0's distribution at every position in one call (per-position calls cost a
     # dozen small kernels each; the rows of one call are the same numbers)
-    p = None if row.params.greedy else next_token_probs(head0[:n + 1], row.params)
+    p = probs
+    if p is None and not row.params.greedy:
+        p = next_token_probs(head0[:n + 1], row.params)
     new, flags = [], []
     for i, d in enumerate(row.drafts):
         row.stats.proposed[i] += 1

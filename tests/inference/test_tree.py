@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mtplab.errors import MtplabError
+from mtplab.inference import engine as engine_module
 from mtplab.inference import tree as tree_module
 from mtplab.inference.engine import Engine, Request
 from mtplab.inference.generate import generate_ids
@@ -156,12 +157,13 @@ def test_tree_sampling_has_exactly_head_0s_distribution(family, params, monkeypa
     assert sum(got.values()) == pytest.approx(1.0, abs=1e-9)
     assert max_gap(got, plain) < 1e-6
 
-    real = tree_module.next_token_probs
+    real = tree_module.verify_tree
 
-    def no_renormalising(logits, p):  # every sibling tried against the untouched p
-        return _Frozen(real(logits, p))
+    def no_renormalising(row, tree, head0, greedy, probs=None):  # every sibling tried against the untouched p
+        probs = probs if probs is not None else tree_module.next_token_probs(head0, row.params)
+        return real(row, tree, head0, greedy, _Frozen(probs))
 
-    monkeypatch.setattr(tree_module, "next_token_probs", no_renormalising)
+    monkeypatch.setattr(engine_module, "verify_tree", no_renormalising)
     assert max_gap(speculative_distribution(model, prompt, 3, params, tree=tree), plain) > 1e-3
 
 
