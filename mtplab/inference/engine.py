@@ -359,8 +359,8 @@ class Engine:
             else:
                 drafting.append((r, [h[j, at] for h in hidden]))
         if merged_rows:  # drafts from the heads' logits at each row's last accepted position
-            drafters, js, ats = zip(*merged_rows)
-            self._drafts_from(list(drafters), every[list(js), list(ats), 1:],
+            heads_rows, js, ats = zip(*merged_rows)
+            self._drafts_from(list(heads_rows), every[list(js), list(ats), 1:],
                               [greedy_every[j][at][1:] for _, j, at in merged_rows])
         self._draft(drafting)
         return events
