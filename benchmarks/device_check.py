@@ -28,7 +28,7 @@ import torch
 
 from mtplab.config import load_config
 from mtplab.data.synthetic import make_problems
-from mtplab.inference.decode import decode_batch
+from mtplab.evaluation.speed import compare_decoders, format_decoders
 from mtplab.inference.tree import DraftTree
 from mtplab.models.summary import summarize
 from mtplab.training.trainer import train
@@ -73,28 +73,7 @@ def decoding(device: torch.device, smoke: bool, out: Path, max_new_tokens: int) 
     tok = result.dataset.tokenizer
     prompts = [tok.encode_chat(p["question"]) for p in make_problems(32 if smoke else 64, seed=424_242,
                                                                     max_number=12)]
-    tree = DraftTree.default(model.n_future - 1)
-    rows, reference = [], None
-    for batch in (1, 16):
-        base = None
-        for mode, speculative, use_tree in (("plain", False, None), ("chain", True, None), ("tree", True, tree)):
-            list(decode_batch(model, prompts[:2], 8, eos_id=tok.eos_id, batch_size=2, speculative=speculative,
-                              tree=use_tree))  # warm-up (CUDA kernels, allocator)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            done = list(decode_batch(model, prompts, max_new_tokens, eos_id=tok.eos_id, batch_size=batch,
-                                     speculative=speculative, tree=use_tree))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            rate = sum(c.tokens for c in done) / (time.perf_counter() - start)
-            ids = [c.ids for c in done]
-            reference = reference or ids
-            base = base or rate
-            tau = sum(c.stats.decoded for c in done) / max(sum(c.stats.forwards for c in done), 1)
-            rows.append({"batch": batch, "mode": mode, "tokens_per_s": rate, "speedup": rate / base,
-                         "tau": tau, "same": sum(a == b for a, b in zip(ids, reference)) / len(ids)})
-            print(f"  decode batch {batch:>2} {mode:>5}: {rate:9.1f} tok/s", flush=True)
+    rows = compare_decoders(model, prompts, max_new_tokens, tok.eos_id, tree=DraftTree.default(model.n_future - 1))
     return info, rows
 
 
@@ -118,11 +97,9 @@ def main() -> None:
     print(f"\ntraining, bf16: {fit['parameters'] / 1e6:.1f}M parameters, {fit['tokens_per_s']:,.0f} tokens/s, "
           f"{fit['train_flops_per_token'] / 1e9:.2f} GFLOP per token, MFU {mfu}")
     print(f"demo model trained on {name} in {info['train_seconds']} s; greedy decoding in bf16:")
-    print(f"{'batch':>5} {'mode':>5} {'tok/s':>9} {'x plain':>8} {'tau':>5} {'same':>5}  (same: share of prompts "
-          f"whose tokens equal batch-1 plain's; bf16 rounding differs between shapes, so near-ties may flip)")
-    for r in rows:
-        print(f"{r['batch']:>5} {r['mode']:>5} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x {r['tau']:>5.2f} "
-              f"{r['same']:>5.0%}")
+    print(format_decoders(rows))
+    print("(same: share of prompts whose tokens equal batch-1 plain's; bf16 rounding differs between shapes, "
+          "so near-ties may flip)")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "training": fit, "demo": info, "decoding": rows},
                                               indent=2) + "\n")

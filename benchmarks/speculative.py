@@ -15,41 +15,14 @@ table gives tokens/s, the speed-up over plain sampling at the same batch and tau
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import mtplab
 from mtplab.data.synthetic import make_problems
-from mtplab.evaluation.speed import bench_decoding, format_bench
+from mtplab.evaluation.speed import bench_decoding, compare_decoders, format_bench, format_decoders
 from mtplab.inference.calibrate import tree_option
-from mtplab.inference.decode import decode_batch
 from mtplab.inference.sampling import SamplingParams
-
-
-def sampled(model, prompts, max_new_tokens, eos_id, temperature, top_p, tree, rounds) -> list[dict]:
-    """Plain, chain and tree sampling at batch 1 and 16: tokens/s over `rounds` alternating rounds."""
-    modes = [("plain", False, None), ("chain", True, None), ("tree", True, tree)]
-    rows = []
-    for batch in (1, 16):
-        tokens, seconds, forwards, decoded = {}, {}, {}, {}
-        for r in range(rounds):
-            for name, speculative, use_tree in modes:
-                # every prompt its own generator: seed r keeps the rounds apart
-                params = SamplingParams(temperature, top_p=top_p, seed=r)
-                t0 = time.perf_counter()
-                done = list(decode_batch(model, prompts, max_new_tokens, params, eos_id, batch_size=batch,
-                                         speculative=speculative, tree=use_tree))
-                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
-                tokens[name] = tokens.get(name, 0) + sum(c.tokens for c in done)
-                forwards[name] = forwards.get(name, 0) + sum(c.stats.forwards for c in done)
-                decoded[name] = decoded.get(name, 0) + sum(c.stats.decoded for c in done)
-        base = tokens["plain"] / seconds["plain"]
-        for name, _, _ in modes:
-            rate = tokens[name] / seconds[name]
-            rows.append({"batch": batch, "mode": name, "tokens_per_s": rate, "speedup": rate / base,
-                         "tau": decoded[name] / max(forwards[name], 1)})
-    return rows
 
 
 def main() -> None:
@@ -82,14 +55,11 @@ def main() -> None:
     print(format_bench(result))
     if args.temperature > 0:
         tree = tree_option(args.tree, model, args.checkpoint)
-        rows = sampled(model, prompts, args.max_new_tokens, tokenizer.eos_id, args.temperature, args.top_p,
-                       tree, args.rounds)
+        rows = compare_decoders(model, prompts, args.max_new_tokens, tokenizer.eos_id,
+                                SamplingParams(args.temperature, top_p=args.top_p), tree, rounds=args.rounds)
         print(f"\nsampling at temperature {args.temperature}, top-p {args.top_p} ({args.rounds} rounds; "
-              f"tree: {tree.size} nodes)")
-        print(f"{'batch':>5} {'mode':>5} {'tok/s':>9} {'x plain':>8} {'tau':>5}")
-        for r in rows:
-            print(f"{r['batch']:>5} {r['mode']:>5} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x {r['tau']:>5.2f}")
-
+              f"tree: {tree.size} nodes; same: share of outputs equal to batch-1 plain's, by chance)")
+        print(format_decoders(rows))
 
 if __name__ == "__main__":
     main()

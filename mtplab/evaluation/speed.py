@@ -1,11 +1,13 @@
-"""Decoding speed: the same prompts decoded plain and speculative, side by side, greedy."""
+"""Decoding speed: the same prompts decoded plain and speculative, side by side."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from ..inference.decode import decode_batch
 from ..inference.generate import generate_ids, generate_speculative
+from ..inference.sampling import SamplingParams
 from ..inference.speculative import SpeculativeStats
 from ..models.transformer import Transformer
 
@@ -26,6 +28,53 @@ def bench_batched(model: Transformer, prompts: list[list[int]], max_new_tokens: 
         out[f"{name}_tokens_per_forward"] = decoded / max(forwards, 1)  # tau: per decoding forward
         out[f"{name}_ids"] = [c.ids for c in done]
     return out
+
+
+def compare_decoders(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 128,
+                     eos_id: int | None = None, params: SamplingParams = SamplingParams(), tree=None,
+                     batches: tuple[int, ...] = (1, 16), rounds: int = 1) -> list[dict]:
+    """Plain, chain and (with `tree`) tree decoding of all `prompts` at each batch size, in `rounds`
+    that alternate the decoders (sampling: round r seeds every prompt with params.seed + r). One row
+    per (batch, decoder): tokens/s (prefill included), the speed-up over plain at that batch, tau,
+    and `same`, the share of prompts whose first-round tokens equal batch-1 plain's (greedy: 1.0
+    up to rounding)."""
+    modes = [("plain", False, None), ("chain", True, None)] + ([("tree", True, tree)] if tree is not None else [])
+    for _, speculative, use_tree in modes:  # warm-up: first calls, allocator, kernels
+        list(decode_batch(model, prompts[:2], 8, params, eos_id, batch_size=2, speculative=speculative, tree=use_tree))
+    rows, reference = [], None
+    for batch in batches:
+        total = {name: [0, 0.0, 0, 0] for name, _, _ in modes}  # tokens, seconds, decoded, forwards
+        same = {}
+        for r in range(rounds):
+            round_params = params if params.greedy else dataclasses.replace(params, seed=(params.seed or 0) + r)
+            for name, speculative, use_tree in modes:
+                t0 = time.perf_counter()
+                done = list(decode_batch(model, prompts, max_new_tokens, round_params, eos_id, batch_size=batch,
+                                         speculative=speculative, tree=use_tree))
+                t = total[name]
+                t[0] += sum(c.tokens for c in done)
+                t[1] += time.perf_counter() - t0
+                t[2] += sum(c.stats.decoded for c in done)
+                t[3] += sum(c.stats.forwards for c in done)
+                if r == 0:
+                    ids = [c.ids for c in done]
+                    reference = reference or ids
+                    same[name] = sum(a == b for a, b in zip(ids, reference)) / len(ids)
+        base = total["plain"][0] / max(total["plain"][1], 1e-9)
+        for name, _, _ in modes:
+            tokens, seconds, decoded, forwards = total[name]
+            rate = tokens / max(seconds, 1e-9)
+            rows.append({"batch": batch, "mode": name, "tokens_per_s": rate, "speedup": rate / base,
+                         "tau": decoded / max(forwards, 1), "same": same[name]})
+    return rows
+
+
+def format_decoders(rows: list[dict]) -> str:
+    """`compare_decoders`' rows as a table."""
+    lines = [f"{'batch':>5} {'mode':>5} {'tok/s':>9} {'x plain':>8} {'tau':>5} {'same':>5}"]
+    lines += [f"{r['batch']:>5} {r['mode']:>5} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x {r['tau']:>5.2f} "
+              f"{r['same']:>5.0%}" for r in rows]
+    return "\n".join(lines)
 
 
 def bench_decoding(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 128,

@@ -375,10 +375,10 @@ class Engine:
             self._take_drafts(r, logits[j], greedy[j], probs[j])
 
     @staticmethod
-    def _take_drafts(row: Row, logits: torch.Tensor, greedy: list[int], probs: torch.Tensor | None = None) -> None:
+    def _take_drafts(row: Row, logits: torch.Tensor, greedy: list[int], probs: torch.Tensor | None) -> None:
         """Row's drafts from its heads' logits [m, V] at its last accepted position: its tree's
-        node tokens (cut to the room left), else a chain drawn head by head (`probs` [m, V]: the
-        heads' distributions after the row's sampling parameters, if already computed)."""
+        node tokens (cut to the room left), else a chain: greedy's argmax per head, or draws from
+        `probs` [m, V], the heads' distributions after a sampling row's parameters."""
         if row.tree is not None:
             room = row.room()  # the whole tree unless the token limit is near
             row.step_tree = row.tree if room >= row.tree.depth else row.tree.pruned(room)
@@ -389,8 +389,7 @@ class Engine:
         if row.params.greedy:
             row.drafts, row.qs = greedy[:room], [None] * room
             return
-        qs = (next_token_probs(logits[:room], row.params) if probs is None  # [room, V]: in one call
-              else probs[:room])
+        qs = probs[:room]
         row.drafts = [row.chance.draw(q) for q in qs]
         row.qs = list(qs)
 

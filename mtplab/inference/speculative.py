@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import next_token_probs
 
 
 class Randomness:
@@ -92,32 +91,28 @@ class SpeculativeStats:
 
 
 def verify_row(row, head0: torch.Tensor, greedy: list[int],
-               probs: torch.Tensor | None = None) -> tuple[list[int], list[bool]]:
+               probs: torch.Tensor | None) -> tuple[list[int], list[bool]]:
     """One row's step: its drafts checked in order against head 0 (head0 [T, V], greedy its
     argmax per position), up to the first rejection; when all pass, head 0's bonus token.
     The new tokens and, per token, whether it was an accepted draft (all count towards tau, the
     end-of-text and tokens past the length limit included: they measure the forward, not the answer).
-    `probs` [T, V]: head 0's distributions after the row's sampling parameters, when the caller
-    computed them (the engine does, for all rows that share parameters at once)."""
+    `probs` [T, V]: a sampling row's head-0 distributions after its temperature/top-k/top-p (the
+    engine computes them for every position and every row that shares parameters in one call);
+    None for a greedy row."""
     n = len(row.drafts)
-    # sampling: head 0's distribution at every position in one call (per-position calls cost a
-    # dozen small kernels each; the rows of one call are the same numbers)
-    p = probs
-    if p is None and not row.params.greedy:
-        p = next_token_probs(head0[:n + 1], row.params)
     new, flags = [], []
     for i, d in enumerate(row.drafts):
         row.stats.proposed[i] += 1
-        if p is None:
+        if probs is None:
             ok, t = greedy[i] == d, greedy[i]
         else:
-            ok, t = verify(p[i], row.qs[i], d, row.chance)
+            ok, t = verify(probs[i], row.qs[i], d, row.chance)
         new.append(t)
         flags.append(ok)
         if not ok:
             row.stats.decoded += len(new)
             return new, flags
         row.stats.accepted[i] += 1
-    bonus = greedy[n] if p is None else row.chance.draw(p[n])
+    bonus = greedy[n] if probs is None else row.chance.draw(probs[n])
     row.stats.decoded += len(new) + 1
     return new + [bonus], flags + [False]

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MtplabError
-from .sampling import next_token_probs
 
 
 @dataclass(frozen=True)
@@ -117,15 +116,12 @@ class DraftTree:
 
 
 def verify_tree(row, tree: DraftTree, head0: torch.Tensor, greedy: list[int],
-                probs: torch.Tensor | None = None) -> tuple[list[int], list[bool], list[int]]:
+                probs: torch.Tensor | None) -> tuple[list[int], list[bool], list[int]]:
     """Walk row's tree (its node tokens in row.drafts) from the root: head0 [1 + N, V] and its
-    argmax per input position. The new tokens, per token whether it was an accepted draft, and
-    the accepted nodes' input positions in order (the branch to keep in the cache). `probs`
-    [1 + N, V]: head 0's distributions after the row's sampling parameters, if already computed."""
+    argmax per input position; `probs` [1 + N, V] a sampling row's head-0 distributions after its
+    sampling parameters (None: greedy). The new tokens, per token whether it was an accepted
+    draft, and the accepted nodes' input positions in order (the branch to keep in the cache)."""
     children, drafts = tree.children(), row.drafts
-    # sampling: head 0's distribution at every node in one call (one per visited node costs more)
-    if probs is None and not row.params.greedy:
-        probs = next_token_probs(head0, row.params)
     new, flags, path, at = [], [], [], 0
     while True:
         kids = children[at]

@@ -5,8 +5,9 @@ allow; the table has a row per prompt, the overall row and the lines that were m
 import torch
 
 from mtplab.config import ModelConfig
-from mtplab.evaluation.speed import bench_batched, bench_decoding, format_bench
+from mtplab.evaluation.speed import bench_batched, bench_decoding, compare_decoders, format_bench, format_decoders
 from mtplab.inference.generate import generate_ids
+from mtplab.inference.sampling import SamplingParams
 from mtplab.inference.tree import DraftTree
 from mtplab.models.transformer import Transformer
 
@@ -54,3 +55,26 @@ def test_the_table_has_a_row_per_prompt_then_all_then_what_was_measured():
                                        tree=DraftTree.parse("0 1 0.0"))).splitlines()
     assert tree[6].startswith("tree of 3 drafts (0 1 0.0): ") and tree[6].endswith("same: true")
     assert tree[7].startswith("batch 3: plain ") and tree[7].endswith("same tokens as batch 1: true")
+
+
+def test_compare_decoders_gives_a_row_per_batch_and_decoder_against_plain_at_that_batch():
+    model = random_model()
+    rows = compare_decoders(model, PROMPTS, max_new_tokens=10, tree=DraftTree.parse("0 1 0.0"), batches=(1, 2))
+    assert [(r["batch"], r["mode"]) for r in rows] == [(b, m) for b in (1, 2) for m in ("plain", "chain", "tree")]
+    assert all(r["same"] == 1.0 for r in rows)  # greedy: every decoder, every batch gives plain's tokens
+    plain = [r for r in rows if r["mode"] == "plain"]
+    assert all(r["speedup"] == 1.0 and r["tau"] == 1.0 for r in plain)
+    assert all(1.0 <= r["tau"] <= 3.0 for r in rows if r["mode"] != "plain")  # 2 drafts + the bonus token
+    table = format_decoders(rows).splitlines()
+    assert len(table) == 1 + len(rows) and table[1].split()[:2] == ["1", "plain"]
+
+
+def test_compare_decoders_sampling_seeds_each_round_apart():
+    model = random_model()
+    params = SamplingParams(temperature=1.0, seed=3)
+    one = compare_decoders(model, PROMPTS, max_new_tokens=8, params=params, batches=(1,), rounds=1)
+    again = compare_decoders(model, PROMPTS, max_new_tokens=8, params=params, batches=(1,), rounds=1)
+    assert [r["tau"] for r in one] == [r["tau"] for r in again]  # seeded: the same draws
+    assert [r["mode"] for r in one] == ["plain", "chain"] and one[0]["same"] == 1.0
+    two = compare_decoders(model, PROMPTS, max_new_tokens=8, params=params, batches=(1,), rounds=2)
+    assert two[1]["tau"] != one[1]["tau"]  # round 2 (seed 4) adds other draws

@@ -159,8 +159,7 @@ def test_tree_sampling_has_exactly_head_0s_distribution(family, params, monkeypa
 
     real = tree_module.verify_tree
 
-    def no_renormalising(row, tree, head0, greedy, probs=None):  # every sibling tried against the untouched p
-        probs = probs if probs is not None else tree_module.next_token_probs(head0, row.params)
+    def no_renormalising(row, tree, head0, greedy, probs):  # every sibling tried against the untouched p
         return real(row, tree, head0, greedy, _Frozen(probs))
 
     monkeypatch.setattr(engine_module, "verify_tree", no_renormalising)
